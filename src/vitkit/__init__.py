@@ -1,0 +1,52 @@
+"""vitkit: foundation vision transformers for dense scientific imaging, verified against the references.
+
+Public API::
+
+    bb = vitkit.create_backbone("dinov2_vits14_reg", pretrained=False, img_size=(352, 384), in_chans=1)
+    m = vitkit.from_pretrained("path/to/hf_model_dir")
+    feats = bb.forward_features(x)
+"""
+
+from vitkit.backbones import PRESETS, ViTConfig, VisionTransformer, get_preset, list_models
+from vitkit.backbones.factory import (
+    create_backbone,
+    create_dinov2_encoder,
+    create_dinov2_encoder_legacy,
+    from_pretrained,
+)
+from vitkit.backbones.presets import vit_base_config, vit_giant_config, vit_large_config, vit_small_config
+from vitkit.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    ConfigError,
+    InputError,
+    VitkitError,
+    WeightsNotFoundError,
+)
+from vitkit.weights import load_weights, save_pretrained
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "ConfigError",
+    "InputError",
+    "ViTConfig",
+    "VisionTransformer",
+    "VitkitError",
+    "WeightsNotFoundError",
+    "create_backbone",
+    "create_dinov2_encoder",
+    "create_dinov2_encoder_legacy",
+    "from_pretrained",
+    "get_preset",
+    "list_models",
+    "load_weights",
+    "save_pretrained",
+    "vit_base_config",
+    "vit_giant_config",
+    "vit_large_config",
+    "vit_small_config",
+]

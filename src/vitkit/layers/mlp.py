@@ -1,0 +1,74 @@
+"""Feed-forward layers: the classic two-layer MLP and a fused SwiGLU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``, the activation of OpenAI CLIP."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+_ACTS = {
+    "gelu": lambda: nn.GELU(),
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "quick_gelu": QuickGELU,
+    "silu": lambda: nn.SiLU(),
+    "relu": lambda: nn.ReLU(),
+}
+
+
+def get_act_layer(name: str) -> nn.Module:
+    """Instantiate an activation by name (``gelu`` is the exact erf form)."""
+    try:
+        return _ACTS[name]()
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(_ACTS)}") from None
+
+
+class Mlp(nn.Module):
+    """``fc2(act(fc1(x)))`` — keys ``fc1``, ``fc2`` as in Meta's and timm's checkpoints."""
+
+    def __init__(self, dim: int, hidden_dim: int, act: str = "gelu", bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias, **dd)
+        self.act = get_act_layer(act)
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=bias, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    """Fused SwiGLU: ``w3(silu(x1) * x2)`` with ``x1, x2 = w12(x).chunk(2)``.
+
+    The gate and value projections share one GEMM (``w12``, Meta DINOv2's layout). Checkpoints
+    with separate projections (DINOv3 ``w1``/``w2``, HF ``gate_proj``/``up_proj``) are
+    concatenated gate-first at load time.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.w12 = nn.Linear(dim, 2 * hidden_dim, bias=bias, **dd)
+        self.w3 = nn.Linear(hidden_dim, dim, bias=bias, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+def swiglu_hidden_dim(dim: int, ratio: float, align: int = 8) -> int:
+    """Meta's SwiGLU width: two thirds of ``int(dim * ratio)``, rounded up to ``align``.
+
+    DINOv2 ViT-g: 1536 * 4 -> 6144 -> 4096; DINOv3 ViT-S+: 384 * 6 -> 1536.
+    """
+    d = int(int(dim * ratio) * 2 / 3)
+    return d + (-d % align)
