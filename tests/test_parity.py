@@ -138,7 +138,10 @@ def compare(model, ref_model, spec, x):
     n_reg = kinds.count("reg")
     with torch.no_grad():
         out = model.forward_features(x)
-        inter = model.get_intermediate_layers(x, n=spec.depth, reshape=False, return_class_token=True, norm=False)
+        # Models without CLS (I-JEPA) are asked for patch tokens only (vitkit raises for return_class_token=True).
+        inter = model.get_intermediate_layers(x, n=spec.depth, reshape=False, return_class_token=has_cls, norm=False)
+    if not has_cls:
+        inter = [(t, None) if torch.is_tensor(t) else t for t in inter]
 
     if int(model.num_prefix_tokens) != npfx:
         errors.append(f"num_prefix_tokens {model.num_prefix_tokens} != reference {npfx} ({kinds})")

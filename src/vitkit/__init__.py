@@ -7,7 +7,7 @@ Public API::
     feats = bb.forward_features(x)
 """
 
-from vitkit.backbones import PRESETS, ViTConfig, VisionTransformer, get_preset, list_models
+from vitkit.backbones import PRESETS, VisionTransformer, ViTConfig, get_preset, list_models
 from vitkit.backbones.factory import (
     create_backbone,
     create_dinov2_encoder,
@@ -23,6 +23,7 @@ from vitkit.errors import (
     VitkitError,
     WeightsNotFoundError,
 )
+from vitkit.models import EoMT
 from vitkit.weights import load_weights, save_pretrained
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "ConfigError",
+    "EoMT",
     "InputError",
     "ViTConfig",
     "VisionTransformer",

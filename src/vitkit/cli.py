@@ -14,7 +14,7 @@ def _fmt_params(n: int) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
-    from vitkit.backbones import PRESETS, ViTConfig, VisionTransformer
+    from vitkit.backbones import PRESETS, VisionTransformer, ViTConfig
 
     names = args.names or sorted(PRESETS)
     rows = []

@@ -124,7 +124,7 @@ def from_pretrained(path_or_id: str | Path, **overrides: Any):
         raise FileNotFoundError(f"{path} has no config.json; pass a checkpoint file instead, or use "
                                 f"create_backbone(name, pretrained='{path}/<file>')")
     doc = json.loads(cfg_file.read_text())
-    if doc.get("model_type") == "eomt" or doc.get("architecture") == "EoMT":
+    if doc.get("model_type") in ("eomt", "eomt_dinov3") or doc.get("architecture") == "EoMT":
         from vitkit.models.eomt import EoMT  # noqa: PLC0415 - optional heavy import
 
         return EoMT.from_pretrained(path, **overrides)

@@ -57,11 +57,19 @@ class Attention(nn.Module):
         """Args:
             x: tokens [B, N, C].
             rope: ``(sin, cos)`` for the last ``HW`` tokens, or None.
-            attn_mask: boolean [B, 1 or heads, N, N], True = may attend; None for full attention.
+            attn_mask: boolean [B, 1 or heads, R, N], True = may attend; None for full attention. With
+                R < N only the first R tokens' attention is masked (EoMT's query rows) and the other rows
+                run unmasked, so the mask never needs the full N x N.
         """
         B, N, C = x.shape
         q, k, v = self.qkv_heads(x, rope)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if attn_mask is not None and attn_mask.shape[-2] < N:
+            R = attn_mask.shape[-2]
+            head = F.scaled_dot_product_attention(q[:, :, :R], k, v, attn_mask=attn_mask)
+            tail = F.scaled_dot_product_attention(q[:, :, R:], k, v)
+            x = torch.cat([head, tail], dim=2)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
     def attention_probs(self, x: torch.Tensor, rope=None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:

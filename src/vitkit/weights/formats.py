@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -276,6 +276,50 @@ _register(Format(
     strip_prefixes=("module.",),
     config=dict(interpolate_offset=0.0, interpolate_antialias=False),
 ))
+
+# HF EomtForUniversalSegmentation backbone (DINOv2-style, timm-like pos table without a CLS slot)
+_register(Format(
+    name="hf_eomt",
+    description="Hugging Face EomtForUniversalSegmentation backbone",
+    family=None,
+    signature=(r"^embeddings\.position_embeddings\.weight$", r"^layers\.0\.attention\.q_proj\.weight$"),
+    renames=((r"^layers\.(\d+)\.attention\.out_proj\.", r"blocks.\1.attn.proj."),
+             (r"^layers\.(\d+)\.layer_scale(\d)\.lambda1$", r"blocks.\1.ls\2.gamma"),
+             (r"^layers\.(\d+)\.mlp\.weights_in\.", r"blocks.\1.mlp.w12."),
+             (r"^layers\.(\d+)\.mlp\.weights_out\.", r"blocks.\1.mlp.w3."),
+             (r"^layers\.(\d+)\.", r"blocks.\1."),
+             (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+             (r"^embeddings\.(cls_token|register_tokens)$", r"\1"),
+             (r"^embeddings\.position_embeddings\.weight$", "pos_embed"),
+             (r"^layernorm\.", "norm.")),
+    fuses=(Fuse(r"^layers\.(?P<i>\d+)\.attention\.(?P<part>q|k|v)_proj\.(?P<kind>weight|bias)$", ("q", "k", "v"),
+                "blocks.{i}.attn.qkv.{kind}"),),
+    shapes=((r"^pos_embed$", _as_pos),),
+    patch_tokens_only_pos=True,
+    config=dict(interpolate_offset=0.0, interpolate_antialias=True),
+))
+
+_register(Format(
+    name="hf_eomt_dinov3",
+    description="Hugging Face EomtDinov3ForUniversalSegmentation backbone",
+    family="dinov3",
+    signature=(r"^layers\.0\.attention\.o_proj\.weight$",),
+    renames=((r"^layers\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
+             (r"^layers\.(\d+)\.layer_scale(\d)\.lambda1$", r"blocks.\1.ls\2.gamma"),
+             (r"^layers\.(\d+)\.mlp\.up_proj\.", r"blocks.\1.mlp.fc1."),
+             (r"^layers\.(\d+)\.mlp\.down_proj\.", r"blocks.\1.mlp.fc2."),
+             (r"^layers\.(\d+)\.", r"blocks.\1."),
+             (r"^embeddings\.patch_embeddings\.", "patch_embed.proj."),
+             (r"^embeddings\.(cls_token|mask_token|register_tokens)$", r"\1"),
+             (r"^layernorm\.", "norm.")),
+    fuses=(Fuse(r"^layers\.(?P<i>\d+)\.attention\.(?P<part>q|k|v)_proj\.(?P<kind>weight|bias)$", ("q", "k", "v"),
+                "blocks.{i}.attn.qkv.{kind}", zero_fill=("k",)),
+           Fuse(r"^layers\.(?P<i>\d+)\.mlp\.(?P<part>gate_proj|up_proj)\.(?P<kind>weight|bias)$",
+                ("gate_proj", "up_proj"), "blocks.{i}.mlp.w12.{kind}")),
+    shapes=FORMATS["hf_dinov3"].shapes,
+    optional_missing=((r"^mask_token$", "EoMT does not use the mask token"),),
+))
+
 
 # Order matters: more specific signatures first.
 DETECTION_ORDER = ("hf_dinov3", "hf_dinov2_reg", "hf_dinov2", "hf_clip", "hf_vit", "openai_clip", "meta_dinov3",

@@ -1,0 +1,375 @@
+"""Backbone forward speed: vitkit vs timm vs Hugging Face transformers, in one process.
+
+    python benchmarks/backbone.py                      # full run (~6-8 min on 2 cores)
+    python benchmarks/backbone.py --quick              # batch 1, 3 timed rounds
+    python benchmarks/backbone.py --cases dinov3_s16_640 --dtypes bf16 --batches 1
+    python benchmarks/backbone.py --json out.json
+    python benchmarks/backbone.py --profile --cases dinov2_s14reg4_518 --batches 1 --dtypes fp32
+
+Method: every model is eval() and runs under ``torch.inference_mode()``; bf16 means
+``torch.autocast("cpu", dtype=torch.bfloat16)`` around the forward for all three implementations, with the
+weights and the input kept in fp32. Per setting (case, batch, dtype) the implementations are called
+round-robin (starting implementation rotating each round) for ``warmup`` discarded rounds and ``reps``
+timed rounds; the median wall time (time.perf_counter) is reported. vitkit's weights are loaded from the
+timm model's state dict (so vitkit and timm compute the same function; their outputs are compared once),
+the transformers model keeps its own random weights (weights do not affect the cost of these kernels).
+
+Columns: ms per batch, images/s, ``x timm`` / ``x hf`` = vitkit speed / peer speed (> 1: vitkit faster),
+and the share of the machine's GEMM peak (measured at start with a 2048^3 matmul in fp32 and in bf16)
+reached by each implementation, using an analytic FLOP count (2 x MACs of patch embed, qkv, QK^T, AV,
+proj and MLP; norms, softmax, GELU, RoPE are not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+IMPLS = ("vitkit", "timm", "hf")
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+GOALS = {"fp32": 1.0, "bf16": 1.5}  # vitkit speed / timm speed
+
+
+# ------------------------------------------------------------------------------------------------- FLOPs
+def vit_flops(batch: int, img: tuple[int, int], patch: int, dim: int, depth: int, mlp_hidden: int,
+              num_prefix: int, in_chans: int = 3, gated_mlp: bool = False) -> dict[str, float]:
+    """Analytic forward FLOPs (2 x multiply-accumulates) of a plain pre-norm ViT.
+
+    Counted: patch embedding (conv as GEMM), and per block qkv projection, QK^T, AV, output projection
+    and the MLP (two matrices, or three for a gated/SwiGLU MLP). Not counted: norms, softmax, GELU,
+    RoPE, LayerScale, residual adds (all O(N*D), < 1 % here).
+    """
+    hw = (img[0] // patch) * (img[1] // patch)
+    n = num_prefix + hw
+    macs = {
+        "patch_embed": hw * in_chans * patch * patch * dim,
+        "qkv": depth * n * dim * 3 * dim,
+        "attn_qk": depth * n * n * dim,  # sum over heads of N x N x head_dim
+        "attn_av": depth * n * n * dim,
+        "proj": depth * n * dim * dim,
+        "mlp": depth * n * dim * mlp_hidden * (3 if gated_mlp else 2),
+    }
+    out = {k: 2.0 * v * batch for k, v in macs.items()}
+    out["total"] = sum(out.values())
+    out["tokens"] = n
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- cases
+@dataclasses.dataclass
+class Case:
+    name: str
+    title: str
+    img: int
+    patch: int
+    dim: int
+    depth: int
+    heads: int
+    mlp_hidden: int
+    num_prefix: int
+    build: Callable[[], dict[str, tuple[torch.nn.Module, Callable[[torch.Tensor], Any]]]]
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def flops(self, batch: int) -> dict[str, float]:
+        return vit_flops(batch, (self.img, self.img), self.patch, self.dim, self.depth, self.mlp_hidden,
+                         self.num_prefix)
+
+
+def _copy_timm_into_vitkit(vk: torch.nn.Module, tm: torch.nn.Module, notes: dict[str, str]) -> None:
+    import vitkit
+
+    try:
+        sd = {k: v.detach().clone() for k, v in tm.state_dict().items()}
+        report = vitkit.load_weights(vk, sd)
+        notes["weights"] = f"vitkit loaded timm's state dict (format {report.format}); hf: own random init"
+    except Exception as e:  # noqa: BLE001 - the benchmark still runs with random weights
+        notes["weights"] = f"random (vitkit.load_weights(timm state dict) failed: {type(e).__name__}: {e})"
+        print(f"WARNING: could not copy timm weights into vitkit: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def _build_dinov2() -> tuple[dict, dict[str, str]]:
+    import timm
+    import vitkit
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    notes: dict[str, str] = {}
+    vk = vitkit.create_backbone("dinov2_vits14_reg", img_size=518).eval()
+    tm = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=518, num_classes=0).eval()
+    cfg = Dinov2WithRegistersConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4,
+                                    patch_size=14, image_size=518, num_register_tokens=4, layerscale_value=1e-5,
+                                    layer_norm_eps=1e-6)
+    hf = Dinov2WithRegistersModel._from_config(cfg, attn_implementation="sdpa").eval()
+    _copy_timm_into_vitkit(vk, tm, notes)
+    notes["hf_attn"] = str(hf.config._attn_implementation)
+    notes["timm_fused_attn"] = str(getattr(tm.blocks[0].attn, "fused_attn", "?"))
+    models = {
+        "vitkit": (vk, lambda x: vk.forward_features(x)["x_norm_patchtokens"]),
+        "timm": (tm, lambda x: tm.forward_features(x)),
+        "hf": (hf, lambda x: hf(pixel_values=x).last_hidden_state),
+    }
+    return models, notes
+
+
+def _build_dinov3() -> tuple[dict, dict[str, str]]:
+    import timm
+    import vitkit
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    notes: dict[str, str] = {}
+    vk = vitkit.create_backbone("dinov3_vits16", img_size=640).eval()
+    # the _qkvb variant has the qkv bias that the released DINOv3 ViT-S (and vitkit's preset) has
+    tm = timm.create_model("vit_small_patch16_dinov3_qkvb", pretrained=False, img_size=640, num_classes=0).eval()
+    cfg = DINOv3ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                          patch_size=16, image_size=640, num_register_tokens=4, layerscale_value=1e-5,
+                          query_bias=True, key_bias=False, value_bias=True)
+    hf = DINOv3ViTModel._from_config(cfg, attn_implementation="sdpa").eval()
+    _copy_timm_into_vitkit(vk, tm, notes)
+    notes["hf_attn"] = str(hf.config._attn_implementation)
+    notes["timm_fused_attn"] = str(getattr(tm.blocks[0].attn, "fused_attn", "?"))
+    models = {
+        "vitkit": (vk, lambda x: vk.forward_features(x)["x_norm_patchtokens"]),
+        "timm": (tm, lambda x: tm.forward_features(x)),
+        "hf": (hf, lambda x: hf(pixel_values=x).last_hidden_state),
+    }
+    return models, notes
+
+
+CASES: dict[str, Case] = {
+    "dinov2_s14reg4_518": Case("dinov2_s14reg4_518", "DINOv2 ViT-S/14 reg4 @518", 518, 14, 384, 12, 6, 1536, 5,
+                               _build_dinov2),
+    "dinov3_s16_640": Case("dinov3_s16_640", "DINOv3 ViT-S/16 @640", 640, 16, 384, 12, 6, 1536, 5,
+                           _build_dinov3),
+}
+
+
+# --------------------------------------------------------------------------------------------- running
+def _runner(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, dtype: torch.dtype | None) -> Callable[[], Any]:
+    def run() -> Any:
+        ctx = torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        with torch.inference_mode(), ctx:
+            return fn(x)
+
+    return run
+
+
+def _parity(models: dict, case: Case, x: torch.Tensor) -> float | None:
+    """Max |vitkit - timm| over patch tokens in fp32 (both hold the same weights)."""
+    if "vitkit" not in models or "timm" not in models:
+        return None
+    with torch.inference_mode():
+        a = models["vitkit"][1](x)
+        b = models["timm"][1](x)[:, case.num_prefix:]
+    return float((a.float() - b.float()).abs().max())
+
+
+def _progress(prefix: str) -> Callable[[str], None]:
+    t0 = time.perf_counter()
+
+    def p(msg: str) -> None:
+        print(f"  [{time.perf_counter() - t0:6.1f}s] {prefix}: {msg}", file=sys.stderr, flush=True)
+
+    return p
+
+
+def run_case(case: Case, batches: list[int], dtypes: list[str], impls: list[str], warmup: dict[int, int],
+             reps: dict[int, int], peaks: dict[str, float]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    built, notes = case.build()
+    models = {k: v for k, v in built.items() if k in impls}
+    info: dict[str, Any] = {"notes": notes, "build_s": time.perf_counter() - t0,
+                            "params": {k: sum(p.numel() for p in m.parameters()) for k, (m, _) in models.items()}}
+    g = torch.Generator().manual_seed(1)
+    x1 = torch.randn(1, 3, case.img, case.img, generator=g)
+    try:
+        info["max_abs_diff_vitkit_timm_fp32"] = _parity(models, case, x1)
+    except Exception as e:  # noqa: BLE001
+        info["max_abs_diff_vitkit_timm_fp32"] = f"failed: {type(e).__name__}: {e}"
+    rows = []
+    for dt_name in dtypes:
+        dtype = DTYPES[dt_name]
+        for b in batches:
+            x = torch.randn(b, 3, case.img, case.img, generator=g)
+            fns = {k: _runner(fn, x, dtype) for k, (_, fn) in models.items()}
+            times = common.time_interleaved(fns, warmup[b], reps[b],
+                                            progress=_progress(f"{case.name} B={b} {dt_name}"))
+            fl = case.flops(b)["total"]
+            peak = peaks[dt_name]
+            row: dict[str, Any] = {"case": case.name, "title": case.title, "batch": b, "dtype": dt_name,
+                                   "gflop": fl / 1e9, "impls": {}}
+            for k, ts in times.items():
+                s = common.summarize(ts)
+                s.update(ms=s["median_s"] * 1e3, img_s=b / s["median_s"], gflops=fl / s["median_s"] / 1e9,
+                         peak_share=fl / s["median_s"] / 1e9 / peak, times_s=ts)
+                row["impls"][k] = s
+            if "vitkit" in row["impls"]:
+                vk_t = row["impls"]["vitkit"]["median_s"]
+                row["ratio"] = {k: v["median_s"] / vk_t for k, v in row["impls"].items() if k != "vitkit"}
+            rows.append(row)
+    del models, built
+    return rows, info
+
+
+def render(rows: list[dict[str, Any]], impls: list[str], markdown: bool = False) -> str:
+    peers = [k for k in impls if k != "vitkit"]
+    headers = ["case", "B", "dtype"] + [f"{k} ms" for k in impls]
+    if "vitkit" in impls:
+        headers += ["vitkit img/s"] + [f"x {k}" for k in peers]
+    headers += [f"%peak {k}" for k in impls] + ["spread"]
+    out = []
+    for r in rows:
+        im = r["impls"]
+        line = [r["title"] if markdown else r["case"], r["batch"], r["dtype"]]
+        line += [f"{im[k]['ms']:.0f}" for k in impls]
+        if "vitkit" in impls:
+            line += [f"{im['vitkit']['img_s']:.2f}"] + [f"{r['ratio'][k]:.2f}" for k in peers]
+        line += [f"{100 * im[k]['peak_share']:.0f}%" for k in impls]
+        line += [f"{100 * max(im[k]['spread'] for k in impls):.0f}%"]
+        out.append(line)
+    return common.format_table(headers, out, markdown=markdown)
+
+
+def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        if "ratio" not in r or "timm" not in r["ratio"]:
+            continue
+        target = GOALS[r["dtype"]]
+        got = r["ratio"]["timm"]
+        out.append({"case": r["case"], "batch": r["batch"], "dtype": r["dtype"], "target": target,
+                    "vitkit_over_timm": got, "met": got >= target})
+    return out
+
+
+# ------------------------------------------------------------------------------------------- profiling
+def profile(cases: list[Case], batch: int, dtypes: list[str], impls: list[str], top: int = 15,
+            iters: int = 2) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    result: dict[str, Any] = {}
+    for case in cases:
+        torch.manual_seed(0)
+        built, _ = case.build()
+        x = torch.randn(batch, 3, case.img, case.img)
+        for dt_name in dtypes:
+            for k in impls:
+                run = _runner(built[k][1], x, DTYPES[dt_name])
+                run()
+                run()
+                with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+                    t0 = time.perf_counter()
+                    for _ in range(iters):
+                        run()
+                    wall = (time.perf_counter() - t0) / iters
+                ops = common.top_ops(prof, top)
+                key = f"{case.name} B={batch} {dt_name} {k}"
+                result[key] = {"wall_ms_profiled": wall * 1e3, "top_ops": ops}
+                print(f"\n== {key}: {wall * 1e3:.0f} ms/forward under the profiler; top {top} ops by self CPU "
+                      f"(summed over {iters} forwards)")
+                print(common.format_table(
+                    ["op", "calls/fwd", "self ms/fwd", "share"],
+                    [[o["op"][:60], o["calls"] // iters, f"{o['self_ms'] / iters:.1f}", f"{100 * o['share']:.1f}%"]
+                     for o in ops]))
+        del built
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma list of {sorted(CASES)}")
+    ap.add_argument("--impls", default=",".join(IMPLS), help="comma list of vitkit,timm,hf")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32,bf16")
+    ap.add_argument("--batches", default=None, help="comma list of batch sizes (default 1,8; --quick: 1)")
+    ap.add_argument("--quick", action="store_true", help="batch 1 only, 1 warm-up + 3 timed rounds")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default: 2 for B=1, 1 for B>1)")
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds (default: 7 for B=1, 3 for B>1)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=None, help="also write all results (raw times included) here")
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead of timing, profile each implementation (torch.profiler, top ops by self CPU)")
+    ap.add_argument("--top", type=int, default=15, help="ops shown per implementation with --profile")
+    args = ap.parse_args(argv)
+
+    common.setup_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    bad = [c for c in cases if c not in CASES]
+    if bad:
+        ap.error(f"unknown case(s) {bad}; known: {sorted(CASES)}")
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    if any(i not in IMPLS for i in impls):
+        ap.error(f"--impls must be a subset of {IMPLS}")
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if any(d not in DTYPES for d in dtypes):
+        ap.error(f"--dtypes must be a subset of {sorted(DTYPES)}")
+    batches = [int(b) for b in (args.batches or ("1" if args.quick else "1,8")).split(",")]
+    warmup = {b: args.warmup if args.warmup is not None else (1 if args.quick or b > 1 else 2) for b in batches}
+    reps = {b: args.reps if args.reps is not None else (3 if args.quick or b > 1 else 7) for b in batches}
+
+    env = common.environment()
+    common.print_header(env)
+    if args.profile:
+        res = profile([CASES[c] for c in cases], batches[0], dtypes, impls, top=args.top)
+        if args.json:
+            args.json.write_text(json.dumps({"env": env, "profile": res}, indent=1) + "\n")
+        return 0
+
+    t_start = time.perf_counter()
+    peaks = {"fp32": common.gemm_peak(torch.float32), "bf16": common.gemm_peak(torch.bfloat16)}
+    print(f"GEMM peak (2048^3 matmul, best of 5): fp32 {peaks['fp32']:.0f} GFLOP/s, "
+          f"bf16 {peaks['bf16']:.0f} GFLOP/s")
+    print(f"method  : round-robin over {impls}, warm-up {warmup}, timed rounds {reps} (per batch size), "
+          f"median; bf16 = torch.autocast('cpu', bfloat16); inference_mode; eval()")
+    for c in cases:
+        fl = CASES[c].flops(1)
+        print(f"flops   : {CASES[c].title}: {fl['tokens']} tokens, {fl['total'] / 1e9:.1f} GFLOP per image")
+    sys.stdout.flush()
+
+    all_rows: list[dict[str, Any]] = []
+    infos: dict[str, Any] = {}
+    for c in cases:
+        rows, info = run_case(CASES[c], batches, dtypes, impls, warmup, reps, peaks)
+        all_rows += rows
+        infos[c] = info
+        print(f"case    : {CASES[c].title}: params {info['params']}, max|vitkit-timm| fp32 "
+              f"{info['max_abs_diff_vitkit_timm_fp32']}, notes {info['notes']}")
+    elapsed = time.perf_counter() - t_start
+
+    print()
+    print(render(all_rows, impls, markdown=args.markdown))
+    print("\nx peer = vitkit speed / peer speed (>1: vitkit faster); %peak = analytic GFLOP/s over the GEMM peak "
+          "of the same dtype; spread = (max-min)/median of the noisiest implementation")
+    gl = goals(all_rows)
+    if gl:
+        print("\ngoals (vitkit vs timm): " + "; ".join(
+            f"{g['case']} B={g['batch']} {g['dtype']}: {g['vitkit_over_timm']:.2f}x "
+            f"(goal >= {g['target']}x) {'MET' if g['met'] else 'NOT met'}" for g in gl))
+    print(f"\ntotal benchmark time {elapsed:.0f} s")
+    if args.json:
+        doc = {"env": env, "gemm_peak_gflops": peaks, "warmup": warmup, "reps": reps, "cases": infos,
+               "results": all_rows, "goals": gl, "elapsed_s": elapsed}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""EoMT: the encoder-only mask transformer ("Your ViT is secretly an image segmentation model").
+
+Learned queries join the token sequence before the last ``num_blocks`` blocks of a plain ViT; a class
+head and a mask head read them out, with a ScaleBlock upscaler turning patch tokens into per-pixel
+mask embeddings. During training, query->patch attention in those blocks is restricted to each
+query's current mask (Mask2Former-style masked attention), and the restriction is annealed away so
+that inference runs a plain ViT.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitkit.backbones.factory import create_backbone, create_dinov2_encoder
+from vitkit.backbones.vit import VisionTransformer
+from vitkit.errors import ConfigError
+from vitkit.layers import LayerNorm2d
+
+
+class ScaleBlock(nn.Module):
+    """x2 upsampling: ConvTranspose2d(k2, s2) -> GELU -> depthwise 3x3 conv -> LayerNorm2d."""
+
+    def __init__(self, dim: int, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.conv1 = nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2, **dd)
+        self.act = nn.GELU()
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=False, **dd)
+        self.norm = LayerNorm2d(dim, eps=1e-6, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv2(self.act(self.conv1(x))))
+
+
+def num_upscale_blocks(patch_size: int, mask_stride: int | None) -> int:
+    """ScaleBlocks needed: the official rule ``max(1, int(log2(p)) - 2)`` when ``mask_stride`` is None
+    (patch 16 -> 2 blocks, masks at 1/4), else enough x2 steps to reach ``patch / mask_stride``."""
+    if mask_stride is None:
+        return max(1, int(math.log2(patch_size)) - 2)
+    if mask_stride < 1 or mask_stride > patch_size:
+        raise ConfigError(f"mask_stride must be between 1 and the patch size {patch_size}, got {mask_stride}")
+    return max(0, math.ceil(math.log2(patch_size / mask_stride) - 1e-9))
+
+
+class EoMT(nn.Module):
+    """EoMT on any vitkit backbone (DINOv2 with learned position embeddings, DINOv3 with RoPE).
+
+    Two ways to build it (both work as Hydra ``_target_: vitkit.EoMT``):
+
+    * ``EoMT(backbone="dinov3_vits16" | VisionTransformer, num_classes=2, num_q=100, num_blocks=4,
+      img_size=(512, 512), in_chans=1, mask_stride=4, pretrained=False)``
+    * PeakNet EoMT's explicit DINOv2 form: ``EoMT(patch_size=14, embed_dim=1024, depth=24, num_heads=16,
+      mlp_ratio=4.0, num_register_tokens=4, ffn_layer="mlp", img_size=(518, 518), num_classes=150,
+      num_q=100, pretrained=True, drop_path_rate=0.0)``.
+
+    Args:
+        num_classes: classes without the no-object class (the class head has ``num_classes + 1`` outputs).
+        num_q: number of learned queries.
+        num_blocks: the last ``num_blocks`` blocks see the queries (and masked attention).
+        mask_stride: output mask resolution as input / mask_stride (1 = full resolution); None keeps the
+            official rule (1/4 for patch 16, 1/7 for patch 14).
+        masked_attn_enabled: False never computes intermediate masks (pure inference model).
+        pixel_mean, pixel_std: optional per-channel input normalisation done inside the model
+            (official checkpoints use ImageNet statistics); None leaves inputs untouched.
+
+    ``forward(x)`` returns ``(mask_logits_per_layer, class_logits_per_layer)``: lists with one entry per
+    masked block that was evaluated plus the final prediction (last). Masks are ``[B, Q, H/s, W/s]``,
+    classes ``[B, Q, num_classes + 1]``.
+    """
+
+    def __init__(self, backbone: str | VisionTransformer | None = None, num_classes: int = 150, num_q: int = 100,
+                 num_blocks: int = 4, img_size: int | tuple[int, int] | None = None, in_chans: int = 3,
+                 mask_stride: int | None = None, masked_attn_enabled: bool = True,
+                 pretrained: bool | str | Path = False, pixel_mean: list[float] | None = None,
+                 pixel_std: list[float] | None = None, **backbone_config: Any):
+        super().__init__()
+        if isinstance(backbone, VisionTransformer):
+            if backbone_config:
+                raise ConfigError(f"backbone config {sorted(backbone_config)} given with a backbone module")
+            encoder = backbone
+        elif isinstance(backbone, str):
+            encoder = create_backbone(backbone, pretrained=pretrained, img_size=img_size, in_chans=in_chans,
+                                      **backbone_config)
+        elif backbone is None and "embed_dim" in backbone_config:
+            cfg = dict(backbone_config)
+            init_values = cfg.pop("init_values", None)  # seed API: only affects initialisation
+            if init_values is not None:
+                cfg["layer_scale_init"] = init_values
+            encoder = create_dinov2_encoder(img_size=img_size or 518, in_chans=in_chans, pretrained=pretrained,
+                                            pretrained_path=cfg.pop("pretrained_path", None), **cfg)
+        else:
+            raise ConfigError("EoMT needs backbone=<name or VisionTransformer>, or explicit ViT dimensions "
+                              "(patch_size=..., embed_dim=..., depth=..., num_heads=...)")
+        if num_blocks < 1 or num_blocks > len(encoder.blocks):
+            raise ConfigError(f"num_blocks={num_blocks} must be between 1 and the backbone depth {len(encoder.blocks)}")
+        if num_classes < 1 or num_q < 1:
+            raise ConfigError(f"num_classes ({num_classes}) and num_q ({num_q}) must be positive")
+        self.encoder = encoder
+        D = encoder.embed_dim
+        self.num_classes, self.num_q, self.num_blocks = num_classes, num_q, num_blocks
+        self.mask_stride = mask_stride
+        self.masked_attn_enabled = masked_attn_enabled
+        self.register_buffer("attn_mask_probs", torch.ones(num_blocks))
+        self.q = nn.Embedding(num_q, D)
+        self.class_head = nn.Linear(D, num_classes + 1)
+        self.mask_head = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D), nn.GELU(), nn.Linear(D, D))
+        p = encoder.patch_size
+        self.upscale = nn.Sequential(*[ScaleBlock(D) for _ in range(num_upscale_blocks(p, mask_stride))])
+        if (pixel_mean is None) != (pixel_std is None):
+            raise ConfigError("give both pixel_mean and pixel_std, or neither")
+        if pixel_mean is not None:
+            self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, -1, 1, 1), persistent=False)
+        else:
+            self.pixel_mean = self.pixel_std = None
+        self.init_config = dict(num_classes=num_classes, num_q=num_q, num_blocks=num_blocks, mask_stride=mask_stride,
+                                masked_attn_enabled=masked_attn_enabled, pixel_mean=pixel_mean, pixel_std=pixel_std)
+
+    # -------------------------------------------------------------------------------------- helpers
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return self.encoder.config.img_size
+
+    def mask_size(self, H: int, W: int) -> tuple[int, int]:
+        """Output mask size for an input of H x W."""
+        gh, gw = -(-H // self.encoder.patch_size), -(-W // self.encoder.patch_size)
+        if self.mask_stride is None:
+            f = 2 ** len(self.upscale)
+            return gh * f, gw * f
+        return -(-H // self.mask_stride), -(-W // self.mask_stride)
+
+    def predict(self, x: torch.Tensor, grid: tuple[int, int], out_size: tuple[int, int]):
+        """Mask and class logits from normed tokens ``[Q | prefix | patches]``."""
+        B = x.shape[0]
+        q = x[:, :self.num_q]
+        class_logits = self.class_head(q)
+        patches = x[:, self.num_q + self.encoder.num_prefix_tokens:]
+        feats = patches.transpose(1, 2).reshape(B, -1, *grid)  # NLC -> NCHW
+        feats = self.upscale(feats)
+        mask_logits = torch.einsum("bqc,bchw->bqhw", self.mask_head(q), feats)
+        if tuple(mask_logits.shape[-2:]) != tuple(out_size):
+            mask_logits = F.interpolate(mask_logits, size=out_size, mode="bilinear", align_corners=False)
+        return mask_logits, class_logits
+
+    def attn_mask(self, mask_logits: torch.Tensor, grid: tuple[int, int], num_tokens: int, prob: float
+                  ) -> torch.Tensor:
+        """Boolean mask for the query rows only: [B, 1, Q, N], True = may attend.
+
+        Queries see all queries and prefix tokens; a query sees a patch where its mask logit (bilinearly
+        resized to the patch grid) is > 0. With probability ``1 - prob`` a query drops its mask.
+        """
+        B, Q = mask_logits.shape[:2]
+        start = Q + self.encoder.num_prefix_tokens
+        mask = torch.ones(B, Q, num_tokens, dtype=torch.bool, device=mask_logits.device)
+        small = F.interpolate(mask_logits.detach(), size=grid, mode="bilinear")
+        mask[:, :, start:] = small.flatten(2) > 0
+        if prob < 1:
+            drop = torch.rand(B, Q, device=mask.device) > prob
+            mask[drop] = True
+        return mask[:, None]
+
+    # ------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Args:
+            x: images [B, in_chans, H, W] (any size the backbone accepts).
+
+        Returns:
+            ``(mask_logits_per_layer, class_logits_per_layer)``; the last entries are the final prediction.
+        """
+        enc = self.encoder
+        if self.pixel_mean is not None:
+            enc.check_input(x)
+            x = (x - self.pixel_mean) / self.pixel_std
+        tokens, grid = enc.prepare_tokens(x)
+        out_size = self.mask_size(x.shape[-2], x.shape[-1])
+        rope = enc.rope(grid)
+        depth = len(enc.blocks)
+        first = depth - self.num_blocks
+        masks_per_layer: list[torch.Tensor] = []
+        classes_per_layer: list[torch.Tensor] = []
+        for i in range(depth):
+            attn_mask = None
+            if i == first:
+                tokens = torch.cat([self.q.weight[None].expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], 1)
+            if i >= first and self.masked_attn_enabled:
+                prob = float(self.attn_mask_probs[i - first])
+                if self.training or prob > 0:  # inference with masks annealed away skips this entirely
+                    mask_logits, class_logits = self.predict(enc.norm(tokens), grid, out_size)
+                    masks_per_layer.append(mask_logits)
+                    classes_per_layer.append(class_logits)
+                    if prob > 0:
+                        attn_mask = self.attn_mask(mask_logits, grid, tokens.shape[1], prob)
+            tokens = enc.run_block(i, tokens, grid, rope, attn_mask)
+        mask_logits, class_logits = self.predict(enc.norm(tokens), grid, out_size)
+        masks_per_layer.append(mask_logits)
+        classes_per_layer.append(class_logits)
+        return masks_per_layer, classes_per_layer
+
+    # ----------------------------------------------------------------------------------- persistence
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` (backbone + head config) and ``model.safetensors``."""
+        from vitkit.weights.io import save_safetensors
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        doc = {"model_type": "vitkit", "architecture": "EoMT", "backbone": self.encoder.config.to_dict(),
+               "eomt": self.init_config}
+        (directory / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
+        save_safetensors(self.state_dict(), directory / "model.safetensors", metadata={"format": "vitkit_eomt"})
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **overrides: Any) -> EoMT:
+        """Load an EoMT from a vitkit EoMT directory or an HF ``EomtForUniversalSegmentation`` /
+        ``EomtDinov3ForUniversalSegmentation`` directory (strict)."""
+        from vitkit.weights.eomt import load_eomt_dir
+
+        return load_eomt_dir(Path(directory), **overrides)
