@@ -1,0 +1,1 @@
+"""Training and inference tasks: losses, mask annealing, post-processing, metrics."""

@@ -1,0 +1,118 @@
+"""Turning EoMT outputs into semantic, instance and panoptic predictions; sliding windows for big frames."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from vitkit.errors import InputError
+
+
+def semantic_probs(mask_logits: torch.Tensor, class_logits: torch.Tensor) -> torch.Tensor:
+    """Per-pixel class scores [B, C, h, w] = sum_q sigmoid(mask_q) * softmax(class_q) (no-object dropped)."""
+    return torch.einsum("bqhw,bqc->bchw", mask_logits.sigmoid(), class_logits.softmax(-1)[..., :-1])
+
+
+def window_starts(length: int, window: int, min_overlap: float = 0.0) -> list[int]:
+    """Evenly spread window starts covering ``length`` with windows of ``window`` (last one flush)."""
+    if length <= window:
+        return [0]
+    step = window * (1 - min_overlap)
+    n = math.ceil((length - window) / step) + 1
+    return [round(i * (length - window) / (n - 1)) for i in range(n)]
+
+
+@torch.no_grad()
+def semantic_inference(model, images: torch.Tensor, window: tuple[int, int] | None = None,
+                       overlap: float = 0.25, batch_size: int = 8) -> torch.Tensor:
+    """Semantic class scores [B, C, H, W] for frames of any size, at native resolution.
+
+    Frames larger than the window (default: the model's ``img_size``) are tiled into overlapping windows
+    whose scores are averaged where they overlap; smaller sides are zero-padded bottom/right and cropped
+    back. Nothing is resized, so few-pixel structures keep their size.
+    """
+    if images.ndim != 4:
+        raise InputError(f"expected images [B, C, H, W], got shape {tuple(images.shape)}")
+    B, C, H, W = images.shape
+    wh, ww = window or tuple(model.img_size)
+    ph, pw = max(0, wh - H), max(0, ww - W)
+    if ph or pw:
+        images = F.pad(images, (0, pw, 0, ph))
+    Hp, Wp = images.shape[-2:]
+    ys, xs = window_starts(Hp, wh, overlap), window_starts(Wp, ww, overlap)
+    boxes = [(y, x) for y in ys for x in xs]
+    out = None
+    count = images.new_zeros(1, 1, Hp, Wp)
+    for y, x in boxes:
+        count[..., y:y + wh, x:x + ww] += 1
+    for b in range(B):
+        crops = torch.stack([images[b, :, y:y + wh, x:x + ww] for y, x in boxes])
+        for s in range(0, len(boxes), batch_size):
+            masks, classes = model(crops[s:s + batch_size])
+            probs = semantic_probs(masks[-1], classes[-1]).float()
+            if probs.shape[-2:] != (wh, ww):
+                probs = F.interpolate(probs, size=(wh, ww), mode="bilinear", align_corners=False)
+            if out is None:
+                out = images.new_zeros(B, probs.shape[1], Hp, Wp, dtype=torch.float32)
+            for j, (y, x) in enumerate(boxes[s:s + batch_size]):
+                out[b, :, y:y + wh, x:x + ww] += probs[j]
+    out = out / count
+    return out[..., :H, :W]
+
+
+def instance_predictions(mask_logits: torch.Tensor, class_logits: torch.Tensor, top_k: int = 100
+                         ) -> list[dict[str, torch.Tensor]]:
+    """Official EoMT instance output: top-k over (query x class) probabilities, no-object excluded.
+
+    Returns per image ``masks`` [k, h, w] bool (logit > 0), ``labels`` [k], ``scores`` [k]
+    (class probability x mean mask probability inside the mask).
+    """
+    B, Q, C1 = class_logits.shape
+    results = []
+    for b in range(B):
+        probs = class_logits[b].softmax(-1)[:, :-1]  # [Q, C]
+        k = min(top_k, probs.numel())
+        scores, flat = probs.flatten().topk(k)
+        q_idx, labels = flat // (C1 - 1), flat % (C1 - 1)
+        logits = mask_logits[b, q_idx]
+        masks = logits > 0
+        mask_scores = (logits.sigmoid() * masks).flatten(1).sum(1) / masks.flatten(1).sum(1).clamp(min=1)
+        results.append({"masks": masks, "labels": labels, "scores": scores * mask_scores})
+    return results
+
+
+def panoptic_predictions(mask_logits: torch.Tensor, class_logits: torch.Tensor, stuff_classes: set[int] = frozenset(),
+                         mask_thresh: float = 0.8, overlap_thresh: float = 0.8) -> list[dict[str, torch.Tensor]]:
+    """Mask2Former-style panoptic merge (official EoMT thresholds).
+
+    Returns per image ``segments`` [h, w] (segment id, -1 = void) and ``classes`` [h, w] (class, -1 = void).
+    """
+    results = []
+    for b in range(mask_logits.shape[0]):
+        scores, labels = class_logits[b].softmax(-1).max(-1)
+        num_classes = class_logits.shape[-1] - 1
+        keep = (labels != num_classes) & (scores > mask_thresh)
+        probs = mask_logits[b][keep].sigmoid()
+        s, lab = scores[keep], labels[keep]
+        h, w = mask_logits.shape[-2:]
+        seg = torch.full((h, w), -1, dtype=torch.long, device=mask_logits.device)
+        cls = torch.full((h, w), -1, dtype=torch.long, device=mask_logits.device)
+        if len(s):
+            owner = (s[:, None, None] * probs).argmax(0)
+            next_id, stuff_ids = 0, {}
+            for k in range(len(s)):
+                area = (probs[k] >= 0.5).sum()
+                region = (owner == k) & (probs[k] >= 0.5)
+                if area == 0 or region.sum() / area < overlap_thresh:
+                    continue
+                c = int(lab[k])
+                if c in stuff_classes:
+                    sid = stuff_ids.setdefault(c, next_id)
+                    next_id += sid == next_id
+                else:
+                    sid, next_id = next_id, next_id + 1
+                seg[region], cls[region] = sid, c
+        results.append({"segments": seg, "classes": cls})
+    return results
