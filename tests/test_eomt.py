@@ -1,0 +1,256 @@
+"""EoMT: parity with transformers' EomtForUniversalSegmentation, loss parity, masked attention, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vitkit
+from vitkit.errors import ConfigError, InputError
+from vitkit.models.eomt import num_upscale_blocks
+from vitkit.tasks.annealing import MaskAnnealing
+from vitkit.tasks.loss import MaskClassificationLoss
+
+transformers = pytest.importorskip("transformers")
+
+
+def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and ("norm" in name or "lambda" in name):
+                p.copy_(torch.empty_like(p).uniform_(0.5, 1.5, generator=g))
+            else:
+                std = 0.3 if any(s in name for s in ("token", "position", "query")) else 0.1
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.fixture(scope="module")
+def hf_eomt(tmp_path_factory):
+    cfg = transformers.EomtConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, image_size=64,
+                                  patch_size=16, num_queries=6, num_blocks=2, num_labels=3, num_register_tokens=4,
+                                  train_num_points=500, layerscale_value=1e-5)
+    ref = transformers.EomtForUniversalSegmentation(cfg).eval()
+    _randomise(ref)
+    d = tmp_path_factory.mktemp("hf_eomt")
+    ref.save_pretrained(d)
+    return ref, d
+
+
+@pytest.fixture(scope="module")
+def hf_eomt_dinov3(tmp_path_factory):
+    cfg = transformers.EomtDinov3Config(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                        intermediate_size=128, image_size=64, patch_size=16, num_queries=5,
+                                        num_blocks=2, num_labels=3, num_register_tokens=4)
+    ref = transformers.EomtDinov3ForUniversalSegmentation(cfg).eval()
+    _randomise(ref, 1)
+    d = tmp_path_factory.mktemp("hf_eomt_dinov3")
+    ref.save_pretrained(d)
+    return ref, d
+
+
+@pytest.mark.parametrize("which", ["hf_eomt", "hf_eomt_dinov3"])
+@pytest.mark.parametrize("prob", [0.0, 1.0])
+def test_parity_with_hf(which, prob, request):
+    ref, d = request.getfixturevalue(which)
+    model = vitkit.from_pretrained(d)
+    assert isinstance(model, vitkit.EoMT)
+    ref.attn_mask_probs.fill_(prob)
+    model.attn_mask_probs.fill_(prob)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        r = ref(x)
+        masks, classes = model(x)
+    # masks off: only the final prediction is computed; on: one per masked block + final
+    assert len(masks) == (1 if prob == 0 else 3)
+    assert masks[-1].shape == r.masks_queries_logits.shape == (2, ref.config.num_queries, 16, 16)
+    dm = (masks[-1] - r.masks_queries_logits).abs().max().item()
+    dc = (classes[-1] - r.class_queries_logits).abs().max().item()
+    assert dm <= 1e-4 and dc <= 1e-4, f"mask diff {dm}, class diff {dc}"
+
+
+def test_masks_change_the_output(hf_eomt):
+    """With masks on, the query rows really are restricted (else parity at p=1 would be vacuous)."""
+    _, d = hf_eomt
+    model = vitkit.from_pretrained(d)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model.attn_mask_probs.fill_(1.0)
+        on = model(x)[0][-1]
+        model.attn_mask_probs.fill_(0.0)
+        off = model(x)[0][-1]
+    assert (on - off).abs().max() > 1e-3
+
+
+def test_loss_parity_with_hf(hf_eomt):
+    ref, d = hf_eomt
+    model = vitkit.from_pretrained(d)
+    ref.train()
+    model.train()
+    for m in (ref, model):
+        m.attn_mask_probs.fill_(1.0)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 64, 64, generator=g)
+    masks = [torch.rand(3, 64, 64, generator=g) > 0.5, torch.rand(2, 64, 64, generator=g) > 0.7]
+    labels = [torch.tensor([0, 2, 1]), torch.tensor([1, 1])]
+    criterion = MaskClassificationLoss(3, num_points=500)
+    torch.manual_seed(5)  # same seed -> both draw the same sampled points in the same order
+    ref_loss = ref(x, mask_labels=[m.float() for m in masks], class_labels=labels).loss
+    mask_logits, class_logits = model(x)
+    torch.manual_seed(5)
+    total, terms = criterion(mask_logits, class_logits, [{"masks": m, "labels": c} for m, c in zip(masks, labels)])
+    assert set(terms) == {f"{k}{s}" for k in ("loss_mask", "loss_dice", "loss_cross_entropy")
+                          for s in ("", "_block_-1", "_block_-2")}
+    assert abs(total.item() - ref_loss.item()) <= 1e-4, (total.item(), ref_loss.item())
+
+
+def test_roundtrip_save_pretrained(tmp_path, hf_eomt):
+    _, d = hf_eomt
+    model = vitkit.from_pretrained(d)
+    model.save_pretrained(tmp_path / "mine")
+    again = vitkit.from_pretrained(tmp_path / "mine")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x)[0][-1], again(x)[0][-1])
+
+
+def _tiny(**kw):
+    args = dict(backbone="dinov2_vits14_reg", embed_dim=32, depth=3, num_heads=4, img_size=(64, 64), in_chans=1,
+                patch_size=16, num_classes=2, num_q=4, num_blocks=2)
+    args.update(kw)
+    return vitkit.EoMT(**args)
+
+
+@pytest.mark.parametrize("stride,expected", [(None, 16), (4, 16), (2, 32), (1, 64)])
+def test_mask_stride_controls_resolution(stride, expected):
+    model = _tiny(mask_stride=stride).eval()
+    with torch.no_grad():
+        masks, classes = model(torch.randn(1, 1, 64, 64))
+    assert masks[-1].shape == (1, 4, expected, expected)
+    assert classes[-1].shape == (1, 4, 3)
+
+
+def test_upscale_rule():
+    assert num_upscale_blocks(16, None) == 2 and num_upscale_blocks(14, None) == 1
+    assert num_upscale_blocks(16, 1) == 4 and num_upscale_blocks(14, 1) == 4
+    with pytest.raises(ConfigError):
+        num_upscale_blocks(16, 32)
+
+
+def test_inference_skips_intermediate_masks():
+    model = _tiny().eval()
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        model.attn_mask_probs.zero_()
+        assert len(model(x)[0]) == 1
+        model.attn_mask_probs.fill_(1.0)
+        assert len(model(x)[0]) == 3
+        model.masked_attn_enabled = False
+        assert len(model(x)[0]) == 1
+
+
+def test_frames_of_other_sizes_and_non_square():
+    model = _tiny().eval()
+    with torch.no_grad():
+        for hw in [(96, 128), (32, 48), (64, 80)]:
+            masks, _ = model(torch.randn(1, 1, *hw))
+            assert masks[-1].shape[-2:] == (hw[0] // 4, hw[1] // 4)
+
+
+def test_dinov3_backbone_and_seed_constructor():
+    m3 = vitkit.EoMT(backbone="dinov3_vits16", embed_dim=64, depth=3, num_heads=4, img_size=64, in_chans=1,
+                     num_classes=2, num_q=3, num_blocks=1).eval()
+    with torch.no_grad():
+        assert m3(torch.randn(1, 1, 64, 96))[0][-1].shape == (1, 3, 16, 24)
+    seed = vitkit.EoMT(patch_size=14, embed_dim=32, depth=2, num_heads=4, mlp_ratio=4.0, num_register_tokens=4,
+                       ffn_layer="mlp", img_size=(56, 56), num_classes=5, num_q=7, num_blocks=1, pretrained=False,
+                       drop_path_rate=0.1)
+    masks, classes = seed(torch.randn(2, 3, 56, 56))
+    assert masks[-1].shape == (2, 7, 8, 8) and classes[-1].shape == (2, 7, 6)
+
+
+def test_bad_targets_are_refused():
+    model = _tiny().train()
+    crit = MaskClassificationLoss(2, num_points=64)
+    masks, classes = model(torch.randn(2, 1, 64, 64))
+    good = {"masks": torch.zeros(1, 64, 64, dtype=torch.bool), "labels": torch.tensor([1])}
+    with pytest.raises(InputError, match="expected 2 targets"):
+        crit(masks, classes, [good])
+    with pytest.raises(InputError, match=r"class ids must be in \[0, 2\)"):
+        crit(masks, classes, [good, {"masks": torch.zeros(1, 64, 64), "labels": torch.tensor([2])}])
+    with pytest.raises(InputError, match="same K"):
+        crit(masks, classes, [good, {"masks": torch.zeros(2, 64, 64), "labels": torch.tensor([1])}])
+    with pytest.raises(InputError, match=r"\[K, H, W\]"):
+        crit(masks, classes, [good, {"masks": torch.zeros(64, 64), "labels": torch.tensor([1])}])
+
+
+def test_bad_images_are_refused():
+    model = _tiny()
+    with pytest.raises(InputError, match="in_chans=1"):
+        model(torch.randn(1, 3, 64, 64))
+    with pytest.raises(InputError, match="not divisible"):
+        model(torch.randn(1, 1, 60, 64))
+
+
+def test_annealing_schedule():
+    sched = MaskAnnealing.sequential(2, 0, 100)
+    assert sched.probs(0) == [1.0, 1.0]
+    assert sched.probs(25)[0] == pytest.approx(0.5 ** 0.9) and sched.probs(25)[1] == 1.0
+    assert sched.probs(50) == [0.0, 1.0] and sched.probs(100) == [0.0, 0.0]
+    model = _tiny()
+    sched.apply(model, 75)
+    assert model.attn_mask_probs.tolist() == pytest.approx([0.0, 0.5 ** 0.9])
+
+
+def _peak_frames(n: int, size: int = 64, peaks: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    images, labels = [], []
+    for _ in range(n):
+        img, lab = torch.zeros(size, size), torch.zeros(size, size, dtype=torch.bool)
+        for _ in range(peaks):
+            cy, cx = (torch.rand(2, generator=g) * (size - 8) + 4).tolist()
+            sigma = 0.8 + 1.2 * torch.rand(1, generator=g).item()
+            amp = 10 ** (2 * torch.rand(1, generator=g).item())
+            peak = amp * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma ** 2))
+            img += peak
+            lab |= peak > amp / 2
+        img = img + 0.1 * torch.randn(size, size, generator=g)
+        images.append((img - img.mean()) / img.std())
+        labels.append(lab)
+    return torch.stack(images)[:, None], labels
+
+
+def test_overfits_four_peak_frames_with_annealing():
+    """EoMT-tiny learns 4 synthetic peak frames while the masks anneal to 0 (full-resolution masks)."""
+    torch.manual_seed(0)
+    x, labels = _peak_frames(4)
+    targets = [{"masks": torch.stack([~lab, lab]), "labels": torch.tensor([0, 1])} for lab in labels]
+    model = vitkit.EoMT(patch_size=8, embed_dim=64, depth=4, num_heads=4, num_register_tokens=0, img_size=(64, 64),
+                        in_chans=1, num_classes=2, num_q=4, num_blocks=2, mask_stride=1)
+    crit = MaskClassificationLoss(2, num_points=4096, target_sampling="nearest")
+    steps = 300
+    anneal = MaskAnnealing.sequential(2, 0, steps // 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+    model.train()
+    first = None
+    for step in range(steps):
+        anneal.apply(model, step)
+        loss, _ = crit(*model(x), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        first = first if first is not None else loss.item()
+    assert model.attn_mask_probs.sum() == 0
+    assert loss.item() <= 0.1 * first, f"loss fell only from {first:.3f} to {loss.item():.3f}"
+    model.eval()
+    with torch.no_grad():
+        masks, classes = model(x)
+    from vitkit.tasks.postprocess import semantic_probs
+
+    pred = semantic_probs(masks[-1], classes[-1]).argmax(1) == 1
+    lab = torch.stack(labels)
+    iou = (pred & lab).sum().item() / (pred | lab).sum().item()
+    assert iou >= 0.9, f"peak IoU {iou:.3f}"
