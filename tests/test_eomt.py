@@ -254,3 +254,36 @@ def test_overfits_four_peak_frames_with_annealing():
     lab = torch.stack(labels)
     iou = (pred & lab).sum().item() / (pred | lab).sum().item()
     assert iou >= 0.9, f"peak IoU {iou:.3f}"
+
+
+def test_official_lightning_checkpoint(tmp_path):
+    """An official tue-mps checkpoint: timm DINOv2-reg4 backbone under network.encoder.backbone.*, heads
+    under network.*; loading is strict and the backbone then equals timm's forward."""
+    timm = pytest.importorskip("timm")
+    ref_backbone = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=64, patch_size=16,
+                                     embed_dim=32, depth=3, num_heads=4, dynamic_img_size=True).eval()
+    _randomise(ref_backbone, 2)
+    donor = _tiny(in_chans=3)
+    _randomise(donor, 3)
+    sd = {f"network.encoder.backbone.{k}": v for k, v in ref_backbone.state_dict().items()}
+    sd.update({f"network.{k}": v for k, v in donor.state_dict().items() if not k.startswith("encoder.")})
+    sd["network.encoder.pixel_mean"] = torch.tensor([0.485, 0.456, 0.406]).view(1, -1, 1, 1)
+    sd["criterion.empty_weight"] = torch.ones(3)
+    path = tmp_path / "eomt.ckpt"
+    torch.save({"state_dict": sd, "epoch": 3, "global_step": 100}, path)
+
+    model = _tiny(in_chans=3).eval()
+    report = model.load_weights(path)
+    assert any("pixel_mean" in k for k, _ in report.dropped)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref_tokens = ref_backbone.forward_features(x)
+        ours = model.encoder.final_norm(model.encoder.forward_features(x)["x_prenorm"])
+    assert (ref_tokens - ours).abs().max() <= 1e-5
+    for k, v in donor.state_dict().items():
+        if not k.startswith("encoder."):
+            assert torch.equal(model.state_dict()[k], v), k
+
+    wrong = _tiny(in_chans=3, num_q=5)
+    with pytest.raises(vitkit.CheckpointMismatchError, match="q.weight"):
+        wrong.load_weights(path)

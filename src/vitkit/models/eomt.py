@@ -216,6 +216,13 @@ class EoMT(nn.Module):
         save_safetensors(self.state_dict(), directory / "model.safetensors", metadata={"format": "vitkit_eomt"})
         return directory
 
+    def load_weights(self, source: str | Path | dict):
+        """Strictly load an EoMT checkpoint: HF directory weights, an official tue-mps Lightning
+        ``.ckpt`` (``network.encoder.backbone.*`` timm/HF keys, ``network.q.weight``, ...) or vitkit's."""
+        from vitkit.weights.eomt import load_eomt_weights
+
+        return load_eomt_weights(self, source)
+
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides: Any) -> EoMT:
         """Load an EoMT from a vitkit EoMT directory or an HF ``EomtForUniversalSegmentation`` /
