@@ -1,0 +1,57 @@
+"""Image transforms for detector frames: instance normalisation, padding, cropping (PeakNet's polar
+centre crop included). All work on tensors [C, H, W] (image) and [H, W] (label) together."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def instance_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-frame ``(x - mean) / (std + eps)`` over (C, H, W) of each frame in [..., C, H, W]."""
+    dims = (-3, -2, -1)
+    mean = x.mean(dim=dims, keepdim=True)
+    std = x.std(dim=dims, keepdim=True, unbiased=False)
+    return (x - mean) / (std + eps)
+
+
+def pad_to(x: torch.Tensor, H: int, W: int, style: str = "bottom-right", value: float = 0.0) -> torch.Tensor:
+    """Pad the last two axes to at least H x W (``bottom-right`` or ``center``)."""
+    h, w = x.shape[-2:]
+    ph, pw = max(0, H - h), max(0, W - w)
+    if not ph and not pw:
+        return x
+    if style == "bottom-right":
+        pad = (0, pw, 0, ph)
+    elif style == "center":
+        pad = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+    else:
+        raise ValueError(f"pad style must be 'bottom-right' or 'center', got {style!r}")
+    squeeze = x.ndim == 2
+    y = F.pad(x[None] if squeeze else x, pad, value=value)
+    return y[0] if squeeze else y
+
+
+def crop_at(x: torch.Tensor, top: int, left: int, H: int, W: int) -> torch.Tensor:
+    return x[..., top:top + H, left:left + W]
+
+
+def random_crop_box(h: int, w: int, H: int, W: int, generator: torch.Generator | None = None) -> tuple[int, int]:
+    top = int(torch.randint(0, h - H + 1, (1,), generator=generator)) if h > H else 0
+    left = int(torch.randint(0, w - W + 1, (1,), generator=generator)) if w > W else 0
+    return top, left
+
+
+def polar_center_crop_box(h: int, w: int, H: int, W: int, sigma: float = 0.33,
+                          generator: torch.Generator | None = None) -> tuple[int, int]:
+    """PeakNet's polar centre crop: the crop centre is drawn at a Gaussian radius (``sigma`` times the
+    half-diagonal of the frame) and a uniform angle around the frame centre (the beam centre), then
+    clamped so the crop stays inside the frame."""
+    r = abs(float(torch.randn(1, generator=generator))) * sigma * math.hypot(h / 2, w / 2)
+    theta = float(torch.rand(1, generator=generator)) * 2 * math.pi
+    cy, cx = h / 2 + r * math.sin(theta), w / 2 + r * math.cos(theta)
+    top = int(round(min(max(cy - H / 2, 0), max(h - H, 0))))
+    left = int(round(min(max(cx - W / 2, 0), max(w - W, 0))))
+    return top, left
