@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILY_PRESETS, TINY, make_tiny, randomize
 
 import vitkit
-from vitkit import ViTConfig, VisionTransformer, get_preset
+from conftest import FAMILY_PRESETS, TINY, make_tiny, randomize
+from vitkit import VisionTransformer, ViTConfig, get_preset
 
 D = TINY["embed_dim"]
 

@@ -234,7 +234,7 @@ META_ROUNDTRIP = {
                                               "blocks.0.mlp.w3.weight"], ["pos_embed"]),
     "timm_dinov2": ("dinov2_vits14", ["cls_token", "pos_embed", "blocks.0.attn.qkv.weight"], []),
     "timm_dinov2_reg": ("dinov2_vits14_reg", ["register_tokens", "pos_embed"], []),
-    "timm_dinov3": ("dinov3_vits16", ["storage_tokens", "blocks.0.attn.qkv.weight"], ["blocks.0.attn.qkv.bias"]),
+    "timm_dinov3": ("dinov3_vits16", ["storage_tokens", "blocks.0.attn.qkv.weight"], ["pos_embed"]),
     "timm_dinov3_qkvb": ("dinov3_vits16", ["storage_tokens", "blocks.0.attn.qkv.weight"], []),
     "timm_dinov3_plus": ("dinov3_vits16plus", ["storage_tokens", "blocks.0.mlp.w1.weight"], []),
 }

@@ -156,5 +156,10 @@ class ViTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ConfigError(f"unknown ViT config field(s) {sorted(unknown)} in config")
+            import difflib
+
+            hints = {u: difflib.get_close_matches(u, known, n=1) for u in sorted(unknown)}
+            raise ConfigError("unknown ViT config field(s) " + ", ".join(
+                f"{u!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for u, h in hints.items())
+                + f"; known fields: {sorted(known)}")
         return cls(**d)

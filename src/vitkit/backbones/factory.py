@@ -77,7 +77,7 @@ def create_backbone(name: str | None = None, *, pretrained: bool | str | Path = 
             cfg["dynamic_pad"] = True
     if name is None and "family" not in cfg:
         cfg["family"] = "custom"
-    model = VisionTransformer(ViTConfig(**cfg))
+    model = VisionTransformer(ViTConfig.from_dict(cfg))  # unknown keys -> ConfigError listing the fields
     if source is not None:
         if source.is_dir():
             source = _dir_weights(source)
@@ -117,8 +117,12 @@ def from_pretrained(path_or_id: str | Path, **overrides: Any):
         else:
             raise FileNotFoundError(f"{path_or_id} is neither an existing path nor a Hugging Face model id "
                                     f"(org/name)")
-    if path.is_file():
-        return create_backbone(None, pretrained=path, **_split_overrides(overrides))
+    if path.is_file():  # architecture from the file (vitkit metadata, or inferred from the keys)
+        cfg = _config_from_checkpoint(path)
+        cfg.update(overrides)
+        model = VisionTransformer(ViTConfig.from_dict(cfg))
+        load_weights(model, path)
+        return model.eval()
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path} has no config.json; pass a checkpoint file instead, or use "
@@ -140,12 +144,6 @@ def from_pretrained(path_or_id: str | Path, **overrides: Any):
     model = VisionTransformer(cfg)
     load_weights(model, weights)
     return model.eval()
-
-
-def _split_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
-    out = dict(overrides)
-    out.setdefault("in_chans", 3)
-    return out
 
 
 # ------------------------------------------------------------------------------ seed-compatible API

@@ -251,7 +251,8 @@ class VisionTransformer(nn.Module):
 
         Args:
             x: images [B, C, H, W].
-            n: the last ``n`` blocks (int) or explicit 0-based block indices (negative allowed).
+            n: the last ``n`` blocks (int) or explicit 0-based block indices (negative allowed), returned
+                in block order.
             reshape: patch tokens as [B, D, H/p, W/p] instead of [B, HW, D].
             return_class_token: also return the CLS token [B, D] of each layer.
             norm: apply the final norm to each output.
@@ -267,12 +268,12 @@ class VisionTransformer(nn.Module):
                 raise ValueError(f"n={n} must be between 1 and the depth {depth}")
             indices = list(range(depth - n, depth))
         else:
-            indices = [i + depth if i < 0 else i for i in n]
             bad = [i for i in n if not -depth <= i < depth]
             if bad:
                 raise ValueError(f"block indices {bad} out of range for depth {depth}")
+            indices = sorted({i + depth if i < 0 else i for i in n})  # block order, as Meta returns them
         if return_class_token and self.cls_token is None:
-            raise ValueError("this model has no CLS token (e.g. I-JEPA); call with return_class_token=False")
+            raise InputError("this model has no CLS token (e.g. I-JEPA); call with return_class_token=False")
         tokens, grid = self.prepare_tokens(x)
         rope = self.rope(grid)
         wanted, outputs = set(indices), {}

@@ -36,8 +36,9 @@ def fold_in_chans(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     if in_chans == 1:
         return weight.sum(dim=1, keepdim=True)
     raise ValueError(
-        f"cannot adapt a patch embedding with {c} input channels to in_chans={in_chans}; "
-        f"only {c} -> 1 (summing) is supported. Build the model with in_chans={c} or 1.")
+        f"cannot adapt a patch embedding with {c} input channels to in_chans={in_chans}: the only "
+        f"adaptation is folding channels into 1 by summing. Build the model with in_chans={c}"
+        + (" or 1." if c > 1 else "."))
 
 
 def _resize_matrix(old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:

@@ -63,6 +63,7 @@ class Format:
     shapes: tuple[tuple[str, Callable[[Tensor], Tensor]], ...] = ()  # (target regex, fix) after renaming
     strip_prefixes: tuple[str, ...] = ()  # optional wrappers, removed when every key has them
     optional_missing: tuple[tuple[str, str], ...] = ()  # (vitkit key regex, reason) allowed to be absent
+    zero_missing: tuple[tuple[str, str], ...] = ()  # (vitkit key regex, reason) absent and exactly zero
     patch_tokens_only_pos: bool = False  # pos table has no CLS slot although the model has a CLS token
     config: dict = field(default_factory=dict)  # numerics of the weights' source, recorded in the model config
 
@@ -108,7 +109,9 @@ _register(Format(
     name="meta_dinov2",
     description="Meta DINOv2 hub checkpoint (dinov2_*_pretrain.pth)",
     family="dinov2",
-    signature=(r"^mask_token$", r"^pos_embed$", r"^blocks\.0\.attn\.qkv\.weight$", r"^blocks\.0\.ls1\.gamma$"),
+    # block_chunks>0 training checkpoints nest blocks as blocks.{chunk}.{i}
+    signature=(r"^mask_token$", r"^pos_embed$", r"^blocks\.0\.(0\.)?attn\.qkv\.weight$",
+               r"^blocks\.0\.(0\.)?ls1\.gamma$"),
     renames=((r"^blocks\.(\d+)\.(\d+)\.", r"blocks.\2."),),  # block_chunks>0 training checkpoints
     strip_prefixes=("module.", "backbone.", "teacher.backbone.", "student.backbone."),
     # Meta's hub: no registers -> scale_factor with the 0.1 offset, no antialias
@@ -160,6 +163,8 @@ _register(Format(
            Fuse(r"blocks\.(?P<i>\d+)\.mlp\.(?P<part>fc1_g|fc1_x)\.(?P<kind>weight|bias)$", ("fc1_g", "fc1_x"),
                 "blocks.{i}.mlp.w12.{kind}")),
     optional_missing=((r"^mask_token$", "timm drops the mask token (only used for masked-image training)"),),
+    # timm builds DINOv3 S/B/L/H+ without q/v bias because Meta's distilled checkpoints have all-zero biases
+    zero_missing=((r"^blocks\.\d+\.attn\.qkv\.bias$", "timm stores no qkv bias (Meta's is all zero)"),),
     drops=((r"^head\.", "classification head"),),
 ))
 

@@ -12,7 +12,8 @@ import torch
 from vitkit.errors import CheckpointError
 
 # Containers that wrap a state dict in training checkpoints, tried in this order.
-_CONTAINER_KEYS = ("state_dict", "model", "teacher", "target_encoder", "encoder", "module")
+# I-JEPA checkpoints hold both "encoder" and "target_encoder": take "encoder", as HF and timm do
+_CONTAINER_KEYS = ("state_dict", "model", "teacher", "encoder", "target_encoder", "module")
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -126,6 +126,12 @@ def check_and_load(model: nn.Module, sd: StateDict, fmt: Format, report: LoadRep
     missing = [k for k in own if k not in sd]
     allowed = []
     for k in list(missing):
+        reason = next((r for pat, r in fmt.zero_missing if re.search(pat, k)), None)
+        if reason:
+            missing.remove(k)
+            sd[k] = torch.zeros_like(own[k])
+            report.adapted.append(f"{k}: zero-filled ({reason})")
+            continue
         if k == "rope_embed.periods":
             allowed.append((k, "not stored by this format: periods regenerated in float32"))
         else:
@@ -153,8 +159,8 @@ def check_and_load(model: nn.Module, sd: StateDict, fmt: Format, report: LoadRep
         if mismatched:
             parts.append("  shape mismatches: " + "; ".join(f"{k}: checkpoint {a} vs model {b}"
                                                            for k, a, b in mismatched[:12]))
-        parts.append("  Check that the model name / config matches the checkpoint (vitkit.weights.inspect "
-                     "shows what a checkpoint contains). vitkit never loads partially.")
+        parts.append("  Check that the model name / config matches the checkpoint (vitkit.weights.inspect(path) "
+                     "shows its format and architecture). vitkit never loads partially.")
         raise CheckpointMismatchError("\n".join(parts), missing, unexpected, mismatched)
     model.load_state_dict(sd, strict=True)
 
@@ -173,18 +179,33 @@ def load_weights(model: nn.Module, source: str | Path | StateDict, format: str |
         raise CheckpointMismatchError(
             f"checkpoint {name} is a {fmt.family} checkpoint ({fmt.description}) but the model is family "
             f"{c.family!r}; build the matching model (e.g. create_backbone with a {fmt.family}_* name)")
-    for k, v in fmt.config.items():
+    saved = {k: getattr(c, k) for k in fmt.config}
+    for k, v in fmt.config.items():  # the source's numerics also drive the load-time resize
         setattr(c, k, v)
-    if fmt.config:
-        c.extra["weights_format"] = fmt.name
     source_grid = None
     if stored_cfg is not None:
         p, img = stored_cfg["patch_size"], stored_cfg["img_size"]
-        source_grid = (img[0] // p, img[1] // p)
-    adapt_to_model(sd, model, fmt, source_grid, report)
-    check_and_load(model, sd, fmt, report)
+        source_grid = (-(-img[0] // p), -(-img[1] // p))
+    try:
+        adapt_to_model(sd, model, fmt, source_grid, report)
+        check_and_load(model, sd, fmt, report)
+    except Exception:
+        for k, v in saved.items():  # a refused checkpoint leaves the model as it was
+            setattr(c, k, v)
+        raise
+    if fmt.config:
+        c.extra["weights_format"] = fmt.name
     log.info(report.summary())
     return report
+
+
+def inspect(source: str | Path | StateDict) -> dict[str, Any]:
+    """What a checkpoint is: its format, number of tensors, keys dropped by design and the
+    architecture inferred from it (as ViTConfig fields)."""
+    sd, fmt, dropped, stored_cfg, name = read_and_convert(source)
+    return {"source": name, "format": fmt.name, "description": fmt.description, "num_tensors": len(sd),
+            "num_params": sum(v.numel() for v in sd.values()), "dropped": dropped,
+            "config": infer_config(sd, fmt, stored_cfg)}
 
 
 # ------------------------------------------------------------------------------- config inference
