@@ -167,7 +167,7 @@ def test_unknown_config_field_via_replace():
 
 
 def test_misspelled_create_backbone_kwarg_is_a_config_error():
-    """BUG (src, UX): a misspelled override goes straight into ``ViTConfig(**cfg)`` and surfaces as a bare
+    """Regression: a misspelled override goes straight into ``ViTConfig(**cfg)`` and surfaces as a bare
     ``TypeError: ViTConfig.__init__() got an unexpected keyword argument``, not the ConfigError listing the
     known fields that ``ViTConfig.replace`` already produces."""
     with pytest.raises(ConfigError, match="embed_dimm"):

@@ -130,7 +130,7 @@ def test_missing_key_raises_and_lists_it():
 
 
 def test_failed_load_leaves_config_unchanged():
-    """BUG (src, minor): load_weights writes the format's numerics into ``model.config`` (here
+    """Regression: load_weights writes the format's numerics into ``model.config`` (here
     meta_dinov2_reg: interpolate_offset 0.0, antialias True) *before* the strict check, so a refused
     checkpoint still changes how the untouched model resamples position embeddings ("never loads
     partially" holds for tensors, not for the config). Apply fmt.config after check_and_load succeeds."""
