@@ -71,6 +71,76 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from vitkit.apps.peaks.job import compose, train
+
+    run_dir = train(compose(args.overrides))
+    print(run_dir)  # the last line is the run directory
+    return 0
+
+
+def _frames_from_inputs(inputs: list[str], key: str | None):
+    from vitkit.apps.peaks.io import open_frames
+
+    return open_frames(inputs if len(inputs) > 1 else inputs[0], key=key)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from vitkit.apps.peaks.job import load_model, predict
+
+    model = load_model(args.checkpoint)
+    frames = _frames_from_inputs(args.inputs, args.key)
+    out = Path(args.out)
+    res = predict(model, frames, out, overlap=args.overlap, min_peaks=args.min_peaks, max_peaks=args.max_peaks,
+                  min_pixels=args.min_pixels, overlays=args.overlays, write_frames=args.write_frames)
+    n = sum(len(p) for p in res["peaks"])
+    print(f"{len(res['peaks'])} frames, {n} peaks -> {out / 'peaks.cxi'}, {out / 'peaks.csv'}")
+    print(out)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from vitkit.apps.peaks.datamodule import make_source
+    from vitkit.apps.peaks.job import evaluate, format_metrics, load_model, predict, truth_of, write_json
+
+    model = load_model(args.checkpoint)
+    if args.inputs:
+        frames = _frames_from_inputs(args.inputs, args.key)
+    else:  # the held-out synthetic frames of the run
+        run = Path(args.checkpoint)
+        run = run if run.is_dir() else run.parent.parent
+        cfg = OmegaConf.load(run / "config.yaml")
+        frames = make_source("test", **OmegaConf.to_container(cfg.data, resolve=True) | {
+            "sigma": None, "frame_shape": cfg.data.frame_shape})
+    true_masks, true_peaks = truth_of(frames)
+    out = Path(args.out)
+    res = predict(model, frames, out, overlap=args.overlap, overlays=0)
+    metrics = evaluate(res["masks"], res["peaks"], true_masks, true_peaks, radius=args.radius)
+    metrics["num_frames"] = len(frames)
+    write_json(out / "metrics.json", metrics)
+    print(format_metrics(metrics))
+    print(out / "metrics.json")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from vitkit.apps.peaks.io import write_zarr
+    from vitkit.apps.peaks.synthetic import SynthConfig, SyntheticPeakDataset
+
+    ds = SyntheticPeakDataset(args.n, cfg=SynthConfig(shape=tuple(args.shape)), seed=args.seed)
+    items = [ds[i] for i in range(len(ds))]
+    images = np.stack([it["image"].numpy().reshape(args.shape) for it in items]).astype(np.float32)
+    labels = np.stack([it["label"].numpy() for it in items]).astype(np.int64)
+    peaks = [it["peaks"].numpy().tolist() for it in items]
+    write_zarr(args.out, images, labels, metadata=[{"peaks": p} for p in peaks])
+    print(f"wrote {args.n} frames of {tuple(args.shape)} to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +157,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, nargs="+", help="resize position embeddings to H [W]")
     p.add_argument("--in-chans", type=int, default=3, help="input channels (1 folds RGB weights by summing)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("train", help="train EoMT peak segmentation (default: synthetic frames), then predict "
+                                     "and evaluate the held-out frames; prints the run directory last")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.max_steps=2000 model=eomt_vits16")
+    p.set_defaults(func=cmd_train)
+
+    for name, helptext in (("predict", "find peaks in frames: writes peaks.cxi, peaks.csv, overlay PNGs"),
+                           ("evaluate", "pixel IoU/Dice and peak precision/recall/F1 against labels")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("checkpoint", help="run directory, .ckpt file or exported model directory")
+        p.add_argument("inputs", nargs="*" if name == "evaluate" else "+",
+                       help="zarr / HDF5 / CXI / .npy / PNG / TIFF files, globs or a CSV list"
+                       + (" (default: the run's held-out synthetic frames)" if name == "evaluate" else ""))
+        p.add_argument("--out", default="predictions" if name == "predict" else "evaluation")
+        p.add_argument("--key", help="HDF5 dataset (default /entry_1/data_1/data)")
+        p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
+        if name == "predict":
+            p.add_argument("--min-peaks", type=int, default=0, help="frames with fewer peaks report none")
+            p.add_argument("--max-peaks", type=int, default=2048, help="keep at most this many (brightest)")
+            p.add_argument("--min-pixels", type=int, default=1, help="smallest peak (pixels)")
+            p.add_argument("--overlays", type=int, default=4, help="overlay PNGs to write")
+            p.add_argument("--write-frames", action="store_true", help="also store the frames in the CXI")
+            p.set_defaults(func=cmd_predict)
+        else:
+            p.add_argument("--radius", type=float, default=2.0, help="peak matching radius in pixels")
+            p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("synth", help="write synthetic diffraction frames (zarr, PeakNet layout)")
+    p.add_argument("out", help="output .zarr store")
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--shape", type=int, nargs=2, default=[256, 256])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
     return parser
 
 

@@ -81,7 +81,7 @@ def create_backbone(name: str | None = None, *, pretrained: bool | str | Path = 
     if source is not None:
         if source.is_dir():
             source = _dir_weights(source)
-        load_weights(model, source)
+        load_weights(model, source, keep_config=set(config))  # explicit arguments win over the source's
     return model
 
 

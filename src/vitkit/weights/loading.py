@@ -104,6 +104,17 @@ def adapt_to_model(sd: StateDict, model: nn.Module, fmt: Format, source_grid: tu
             report.adapted.append(f"pos_embed: grid {tuple(source_grid)} -> {c.grid_size} (bicubic, offset "
                                   f"{c.interpolate_offset}, antialias {c.interpolate_antialias})")
         sd["pos_embed"] = pos
+    # SwiGLU models: checkpoints name the FFN projections fc1/fc2 (timm packed SwiGLU, or plain renames of
+    # HF/timm DINOv3 down projections next to a fused gate/up); vitkit's fused SwiGLU calls them w12/w3
+    if any(k.endswith("mlp.w12.weight") for k in model.state_dict()):
+        renamed = False
+        for k in [k for k in sd if re.search(r"\.mlp\.fc[12]\.", k)]:
+            if ".mlp.fc1." in k and k.replace(".fc1.", ".w12.") in sd:
+                continue
+            sd[k.replace(".mlp.fc1.", ".mlp.w12.").replace(".mlp.fc2.", ".mlp.w3.")] = sd.pop(k)
+            renamed = True
+        if renamed:
+            report.adapted.append("SwiGLU FFN: fc1/fc2 -> w12/w3")
     key = "patch_embed.proj.weight"
     if key in sd:
         w = sd[key]
@@ -165,12 +176,14 @@ def check_and_load(model: nn.Module, sd: StateDict, fmt: Format, report: LoadRep
     model.load_state_dict(sd, strict=True)
 
 
-def load_weights(model: nn.Module, source: str | Path | StateDict, format: str | None = None) -> LoadReport:
+def load_weights(model: nn.Module, source: str | Path | StateDict, format: str | None = None,
+                 keep_config: tuple[str, ...] | set[str] = ()) -> LoadReport:
     """Load a checkpoint of any supported format into a vitkit VisionTransformer.
 
     The format's numerics (e.g. how its source resizes position embeddings) are recorded in
-    ``model.config``. Returns a :class:`LoadReport`; raises :class:`CheckpointMismatchError` on any
-    missing, unexpected or mis-shaped key.
+    ``model.config``, except for the fields named in ``keep_config`` (set explicitly by the caller).
+    Returns a :class:`LoadReport`; raises :class:`CheckpointMismatchError` on any missing, unexpected
+    or mis-shaped key.
     """
     sd, fmt, dropped, stored_cfg, name = read_and_convert(source, format)
     report = LoadReport(format=fmt.name, source=name, dropped=dropped)
@@ -179,8 +192,9 @@ def load_weights(model: nn.Module, source: str | Path | StateDict, format: str |
         raise CheckpointMismatchError(
             f"checkpoint {name} is a {fmt.family} checkpoint ({fmt.description}) but the model is family "
             f"{c.family!r}; build the matching model (e.g. create_backbone with a {fmt.family}_* name)")
-    saved = {k: getattr(c, k) for k in fmt.config}
-    for k, v in fmt.config.items():  # the source's numerics also drive the load-time resize
+    source_numerics = {k: v for k, v in fmt.config.items() if k not in keep_config}
+    saved = {k: getattr(c, k) for k in source_numerics}
+    for k, v in source_numerics.items():  # the source's numerics also drive the load-time resize
         setattr(c, k, v)
     source_grid = None
     if stored_cfg is not None:
@@ -193,8 +207,7 @@ def load_weights(model: nn.Module, source: str | Path | StateDict, format: str |
         for k, v in saved.items():  # a refused checkpoint leaves the model as it was
             setattr(c, k, v)
         raise
-    if fmt.config:
-        c.extra["weights_format"] = fmt.name
+    c.extra["weights_format"] = fmt.name
     log.info(report.summary())
     return report
 

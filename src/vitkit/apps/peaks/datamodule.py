@@ -1,0 +1,152 @@
+"""LightningDataModule for peak segmentation: synthetic frames or PeakNet-style files, cropped around
+the beam centre (PeakNet's polar centre crop), instance-normalised, 1 channel end to end."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from vitkit.tasks.transforms import crop_at, instance_normalise, pad_to, polar_center_crop_box
+
+
+class EpochSeededSampler(Sampler[int]):
+    """Shuffles with a generator seeded by (seed, epoch) and yields ``epoch * N + index``, so the dataset
+    can seed its augmentation from the index too: a run resumed at an epoch boundary replays exactly."""
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by Lightning at every epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        return iter(self.epoch * self.n + i for i in order)
+
+
+class CropDataset(Dataset):
+    """Wraps a frame source: pads to the crop, takes a (polar centre | fixed centre) crop, normalises.
+
+    ``source[i]`` must return a dict with ``image`` ([H, W] or [1, H, W]) and ``label`` ([H, W]).
+    """
+
+    def __init__(self, source, crop: tuple[int, int], sigma: float | None = 0.33, seed: int = 0):
+        self.source, self.crop, self.sigma, self.seed = source, tuple(crop), sigma, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
+        n = len(self.source)
+        item = self.source[key % n]
+        image = torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32)
+        image = image[None] if image.ndim == 2 else image
+        label = torch.as_tensor(np.asarray(item["label"]), dtype=torch.int64)
+        H, W = self.crop
+        image, label = pad_to(image, H, W), pad_to(label, H, W)
+        h, w = image.shape[-2:]
+        if self.sigma is None:  # evaluation: deterministic centre crop
+            top, left = (h - H) // 2, (w - W) // 2
+        else:
+            g = torch.Generator().manual_seed(self.seed * 7_368_787 + key)
+            top, left = polar_center_crop_box(h, w, H, W, self.sigma, g)
+        image, label = crop_at(image, top, left, H, W), crop_at(label, top, left, H, W)
+        return {"image": instance_normalise(image), "label": (label > 0).long()}
+
+
+class PeakDataModule(L.LightningDataModule):
+    """Train / validation / held-out test frames for peak segmentation.
+
+    Args:
+        source: ``"synthetic"`` (built-in, seeded) or ``"files"`` (``train``/``val``/``test`` paths,
+            globs or CSV lists of zarr stores with labels).
+        frame_shape: synthetic frame size; crop: training crop (= the model's img_size).
+        polar_crop_sigma: spread of the crop centre around the beam centre (PeakNet); None = centre crop.
+        num_train, num_val, num_test: synthetic split sizes (disjoint seeds).
+    """
+
+    def __init__(self, source: str = "synthetic", frame_shape: tuple[int, int] = (128, 128),
+                 crop: tuple[int, int] = (64, 64), polar_crop_sigma: float | None = 0.33, num_train: int = 512,
+                 num_val: int = 16, num_test: int = 16, seed: int = 0, batch_size: int = 8, num_workers: int = 0,
+                 train: str | None = None, val: str | None = None, test: str | None = None, key: str | None = None,
+                 synth: dict[str, Any] | None = None):
+        super().__init__()
+        if source not in ("synthetic", "files"):
+            raise ValueError(f"data.source must be 'synthetic' or 'files', got {source!r}")
+        if source == "files" and not train:
+            raise ValueError("data.source=files needs data.train (a path, glob or CSV of zarr stores)")
+        self.kw = dict(source=source, frame_shape=tuple(frame_shape), crop=tuple(crop), sigma=polar_crop_sigma,
+                       num_train=num_train, num_val=num_val, num_test=num_test, seed=seed, train=train, val=val,
+                       test=test, key=key, synth=dict(synth or {}))
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.sources: dict[str, Any] = {}
+
+    def frames(self, split: str):
+        """The raw frame source of a split (``train``, ``val``, ``test``)."""
+        if split not in self.sources:
+            self.sources[split] = make_source(split, **self.kw)
+        return self.sources[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        crop, seed = self.kw["crop"], self.kw["seed"]
+        self.train_set = CropDataset(self.frames("train"), crop, self.kw["sigma"], seed)
+        val = self.frames("val")
+        self.val_set = CropDataset(val, crop, None, seed) if val is not None else None
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = EpochSeededSampler(len(self.train_set), self.kw["seed"])
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          drop_last=True, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []
+        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+
+
+class LabelledFrames:
+    """A file :class:`~vitkit.apps.peaks.io.FrameSource` seen as items ``{"image", "label"}``."""
+
+    def __init__(self, frames):
+        self.frames = frames
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image, label = self.frames.read(i)
+        return {"image": image, "label": label}
+
+
+def make_source(split: str, source: str, frame_shape, num_train: int, num_val: int, num_test: int, seed: int,
+                train=None, val=None, test=None, key=None, synth=None, **_):
+    """Frames of one split: synthetic (disjoint seeds per split) or from files."""
+    if source == "synthetic":
+        from vitkit.apps.peaks.synthetic import SynthConfig, SyntheticPeakDataset
+
+        n = {"train": num_train, "val": num_val, "test": num_test}[split]
+        offset = {"train": 0, "val": 1, "test": 2}[split]
+        cfg = SynthConfig(shape=tuple(frame_shape), **(synth or {}))
+        return SyntheticPeakDataset(n, seed=seed * 10 + offset, cfg=cfg)
+    from vitkit.apps.peaks.io import open_frames
+
+    path = {"train": train, "val": val, "test": test}[split]
+    if path is None:
+        return None
+    frames = open_frames(path, key=key)
+    if not frames.has_labels:
+        raise ValueError(f"data.{split}={path!r} has no labels; training and evaluation need labelled frames "
+                         f"(zarr 'labels' dataset)")
+    return LabelledFrames(frames)

@@ -1,0 +1,210 @@
+"""Segmentation mask -> peak list: connected components, intensity-weighted centroids, integrated intensity.
+
+This is PeakNet's post-processing (``ndimage.label`` with a 3 x 3 structure, then one centroid per
+component), vectorised: no Python loop over components. Every per-component quantity is a ``np.bincount``
+over the component id of each mask pixel.
+
+Two labelling back-ends give identical components and the same ordering:
+
+* ``"ndimage"``: ``scipy.ndimage.label`` on the full frame (best for dense masks);
+* ``"sparse"``: a graph over the mask pixels only -- the neighbour links of every mask pixel are found with
+  four (8-connectivity) or two (4-connectivity) vectorised look-ups and the components with
+  ``scipy.sparse.csgraph.connected_components``. Its cost scales with the number of mask pixels rather than
+  the frame size, which is what Bragg-peak masks are (~0.1-1 % of a 1920 x 1920 frame).
+
+``"auto"`` (default) picks ``"sparse"`` when at most 5 % of the pixels are set.
+
+Coordinates use the pixel-centre convention of NumPy/SciPy: the centre of pixel ``[i, j]`` is ``(y, x) =
+(i, j)``. Components are ordered by their first pixel in raster (row-major) order, which is the order of
+``scipy.ndimage.label``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import numpy as np
+from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from vitkit.errors import InputError
+
+__all__ = ["find_peaks", "peaks_per_frame", "label_components", "logits_to_mask"]
+
+_SPARSE_MAX_FILL = 0.05
+
+
+def _structure(connectivity: int) -> np.ndarray:
+    if connectivity == 8:
+        return np.ones((3, 3), dtype=bool)
+    if connectivity == 4:
+        return ndimage.generate_binary_structure(2, 1)
+    raise InputError(f"connectivity: expected 4 or 8, found {connectivity!r}.")
+
+
+def _as_mask_image(mask, image) -> tuple[np.ndarray, np.ndarray]:
+    mask = np.asarray(mask)
+    image = np.asarray(image)
+    if mask.ndim != 2:
+        raise InputError(f"find_peaks: expected a 2-D mask [H, W], found shape {mask.shape}. "
+                         "Call it once per frame, or use peaks_per_frame for a stack.")
+    if image.shape != mask.shape:
+        raise InputError(f"find_peaks: the image shape {image.shape} differs from the mask shape {mask.shape}; "
+                         "pass the frame the mask was predicted from (unpadded to the same size).")
+    if mask.dtype != bool:
+        mask = mask != 0
+    return mask, image
+
+
+def label_components(mask: np.ndarray, connectivity: int = 8,
+                     method: Literal["auto", "ndimage", "sparse"] = "auto") -> tuple[np.ndarray, np.ndarray, int]:
+    """Connected components of a boolean mask, returned for the mask pixels only.
+
+    Returns:
+        ``flat`` int64 ``[k]`` (raster indices of the mask pixels, increasing), ``comp`` int64 ``[k]`` (the
+        component of each, ``0 .. n-1`` in order of first pixel) and ``n``.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise InputError(f"label_components: expected a 2-D mask, found shape {mask.shape}.")
+    mask = mask if mask.dtype == bool else mask != 0
+    structure = _structure(connectivity)
+    h, w = mask.shape
+    flat = np.flatnonzero(mask)
+    k = flat.size
+    if k == 0:
+        return flat, np.zeros(0, dtype=np.int64), 0
+    if method == "auto":
+        method = "sparse" if k <= _SPARSE_MAX_FILL * mask.size else "ndimage"
+    if method == "ndimage":
+        lab, n = ndimage.label(mask, structure=structure)
+        return flat, lab.ravel()[flat].astype(np.int64) - 1, int(n)
+    if method != "sparse":
+        raise InputError(f"label_components: method must be 'auto', 'ndimage' or 'sparse', found {method!r}.")
+
+    mflat = mask.ravel()
+    ids = np.empty(mask.size, dtype=np.int64)  # only entries at mask pixels are ever read
+    ids[flat] = np.arange(k)
+    y, x = np.divmod(flat, w)
+    offsets = [(0, 1), (1, -1), (1, 0), (1, 1)] if connectivity == 8 else [(0, 1), (1, 0)]
+    src, dst = [], []
+    node = np.arange(k)
+    for dy, dx in offsets:  # forward neighbours only: each undirected link once
+        ok = (y + dy < h) & (x + dx >= 0) & (x + dx < w)
+        cand = flat[ok] + (dy * w + dx)
+        hit = mflat[cand]
+        src.append(node[ok][hit])
+        dst.append(ids[cand[hit]])
+    src = np.concatenate(src)
+    dst = np.concatenate(dst)
+    graph = coo_matrix((np.ones(src.size, dtype=np.int8), (src, dst)), shape=(k, k)).tocsr()
+    n, comp = connected_components(graph, directed=False)
+    # renumber by first pixel (raster order), as ndimage.label does
+    _, first = np.unique(comp, return_index=True)
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(n)
+    return flat, rank[comp], int(n)
+
+
+def find_peaks(mask: np.ndarray, image: np.ndarray, min_pixels: int = 1, connectivity: int = 8,
+               method: Literal["auto", "ndimage", "sparse"] = "auto") -> np.ndarray:
+    """Peaks of one frame from its segmentation mask.
+
+    Args:
+        mask: ``[H, W]`` bool (or any dtype; non-zero = peak pixel).
+        image: ``[H, W]`` the detector frame (any real dtype; summed in float64).
+        min_pixels: components with fewer pixels are dropped.
+        connectivity: 8 (3 x 3 structure, PeakNet's choice) or 4.
+        method: labelling back-end (module docstring); results do not depend on it.
+
+    Returns:
+        float64 ``[n, 3]`` rows ``(y, x, integrated_intensity)``: the intensity-weighted centroid with weights
+        ``max(image, 0)`` (the unweighted pixel mean when a component's weights sum to 0) and the sum of
+        ``image`` (unclipped) over the component. Rows follow the component order (first pixel, raster).
+    """
+    mask, image = _as_mask_image(mask, image)
+    flat, comp, n = label_components(mask, connectivity, method)
+    if n == 0:
+        return np.zeros((0, 3), dtype=np.float64)
+    w = mask.shape[1]
+    y, x = np.divmod(flat, w)
+    val = image.ravel()[flat].astype(np.float64)
+    wt = np.maximum(val, 0.0)
+    cnt = np.bincount(comp, minlength=n).astype(np.float64)
+    sw = np.bincount(comp, wt, minlength=n)
+    out = np.empty((n, 3), dtype=np.float64)
+    weighted = sw > 0
+    for j, coord in enumerate((y, x)):
+        c = coord.astype(np.float64)
+        mean = np.bincount(comp, c, minlength=n) / cnt
+        cw = np.bincount(comp, wt * c, minlength=n)
+        out[:, j] = np.where(weighted, cw / np.where(weighted, sw, 1.0), mean)
+    out[:, 2] = np.bincount(comp, val, minlength=n)
+    if min_pixels > 1:
+        out = out[cnt >= min_pixels]
+    return out
+
+
+def peaks_per_frame(masks: Iterable[np.ndarray], images: Iterable[np.ndarray], min_peaks: int = 0,
+                    max_peaks: int | None = 2048, min_pixels: int = 1, connectivity: int = 8,
+                    method: Literal["auto", "ndimage", "sparse"] = "auto") -> list[np.ndarray]:
+    """:func:`find_peaks` over a stack of frames, with PeakNet's per-frame peak-count filters.
+
+    * a frame with fewer than ``min_peaks`` peaks is not a hit: it gets an empty ``[0, 3]`` list
+      (cxi-pipeline-ray uses ``min_num_peak = 10``);
+    * a frame with more than ``max_peaks`` peaks keeps the ``max_peaks`` with the largest integrated
+      intensity, in their original (raster) order; ``None`` keeps all. 2048 is CrystFEL's/Cheetah's usual
+      ``max_num_peak``, the width of the CXI peak arrays.
+
+    ``masks`` and ``images`` are ``[N, H, W]`` arrays or iterables of ``[H, W]`` frames of equal length.
+    """
+    out = []
+    it_m, it_i = iter(masks), iter(images)
+    sentinel = object()
+    i = 0
+    while True:
+        m, im = next(it_m, sentinel), next(it_i, sentinel)
+        if m is sentinel and im is sentinel:
+            return out
+        if m is sentinel or im is sentinel:
+            raise InputError(f"peaks_per_frame: masks and images differ in length (one ended after {i} frames); "
+                             "pass one mask per image.")
+        p = find_peaks(m, im, min_pixels=min_pixels, connectivity=connectivity, method=method)
+        if len(p) < min_peaks:
+            p = p[:0]
+        elif max_peaks is not None and len(p) > max_peaks:
+            keep = np.sort(np.argsort(-p[:, 2], kind="stable")[:max_peaks])
+            p = p[keep]
+        out.append(p)
+        i += 1
+
+
+def logits_to_mask(logits, threshold: float | None = None) -> np.ndarray:
+    """Peak mask from segmentation logits ``[..., C, H, W]`` (NumPy array or torch tensor).
+
+    * ``C == 2`` (PeakNet: background, peak): ``argmax`` over classes when ``threshold`` is None (what
+      cxi-pipeline-ray does since March 2026), else ``softmax(logits)[peak] >= threshold`` (the older
+      ``find_peak_w_threshold``);
+    * ``C == 1`` (a single peak logit): ``sigmoid(logit) >= threshold`` (default 0.5).
+
+    Returns a bool array ``[..., H, W]``.
+    """
+    if hasattr(logits, "detach"):
+        logits = logits.detach().float().cpu().numpy()
+    logits = np.asarray(logits, dtype=np.float32)
+    if logits.ndim < 3 or logits.shape[-3] not in (1, 2):
+        raise InputError(f"logits_to_mask: expected logits [..., C, H, W] with C = 1 or 2, found shape "
+                         f"{logits.shape}.")
+    if logits.shape[-3] == 1:
+        d = logits[..., 0, :, :]
+        t = 0.5 if threshold is None else threshold
+    else:
+        d = logits[..., 1, :, :] - logits[..., 0, :, :]  # softmax[peak] = sigmoid(l1 - l0)
+        if threshold is None:
+            return d > 0  # argmax; ties go to class 0 like np.argmax
+        t = threshold
+    if not 0.0 < t < 1.0:
+        return np.full(d.shape, t <= 0.0)
+    return d >= np.float32(np.log(t / (1.0 - t)))
