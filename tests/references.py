@@ -168,7 +168,8 @@ def _clip_cfg(**over):
 HF_SPECS: dict[str, RefSpec] = {
     s.name: s
     for s in [
-        RefSpec("hf_dinov2", "hf", "Dinov2Model", "Dinov2Config", _dinov2_cfg(use_swiglu_ffn=False, use_mask_token=True),
+        RefSpec("hf_dinov2", "hf", "Dinov2Model", "Dinov2Config",
+                _dinov2_cfg(use_swiglu_ffn=False, use_mask_token=True),
                 {}, 14, 56, 32, 2, 4, 1, ("cls",), None),
         RefSpec("hf_dinov2_swiglu", "hf", "Dinov2Model", "Dinov2Config",
                 _dinov2_cfg(use_swiglu_ffn=True, use_mask_token=True), {}, 14, 56, 32, 2, 4, 1, ("cls",), None),

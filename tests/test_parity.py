@@ -20,7 +20,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import references as R  # noqa: E402
-
 import vitkit  # noqa: E402
 
 TOL = 1e-5

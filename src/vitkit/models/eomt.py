@@ -103,6 +103,8 @@ class EoMT(nn.Module):
         if num_classes < 1 or num_q < 1:
             raise ConfigError(f"num_classes ({num_classes}) and num_q ({num_q}) must be positive")
         self.encoder = encoder
+        if encoder.mask_token is not None:  # EoMT never masks patches: keep it out of the optimiser and DDP
+            encoder.mask_token.requires_grad_(False)
         D = encoder.embed_dim
         self.num_classes, self.num_q, self.num_blocks = num_classes, num_q, num_blocks
         self.mask_stride = mask_stride

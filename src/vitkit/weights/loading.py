@@ -207,7 +207,8 @@ def load_weights(model: nn.Module, source: str | Path | StateDict, format: str |
         for k, v in saved.items():  # a refused checkpoint leaves the model as it was
             setattr(c, k, v)
         raise
-    c.extra["weights_format"] = fmt.name
+    if fmt.name != "vitkit":  # a native file keeps the provenance recorded in its own config
+        c.extra["weights_format"] = fmt.name
     log.info(report.summary())
     return report
 

@@ -16,24 +16,28 @@ from vitkit.tasks.transforms import crop_at, instance_normalise, pad_to, polar_c
 
 class EpochSeededSampler(Sampler[int]):
     """Shuffles with a generator seeded by (seed, epoch) and yields ``epoch * N + index``, so the dataset
-    can seed its augmentation from the index too: a run resumed at an epoch boundary replays exactly."""
+    can seed its augmentation from the index too.
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+    The epoch is the number of passes already served, kept in ``counter`` (the data module's state,
+    saved in checkpoints), not Lightning's ``set_epoch`` value: that one is off by one after resuming
+    from an end-of-epoch checkpoint, while this count makes a resumed run replay exactly.
+    """
 
-    def set_epoch(self, epoch: int) -> None:  # called by Lightning at every epoch
-        self.epoch = epoch
+    def __init__(self, n: int, seed: int, counter: dict[str, int], shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.counter = n, seed, shuffle, counter
 
     def __len__(self) -> int:
         return self.n
 
     def __iter__(self) -> Iterator[int]:
+        epoch = self.counter["epochs_served"]
+        self.counter["epochs_served"] += 1
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
-        return iter(self.epoch * self.n + i for i in order)
+        return iter(epoch * self.n + i for i in order)
 
 
 class CropDataset(Dataset):
@@ -92,6 +96,13 @@ class PeakDataModule(L.LightningDataModule):
                        test=test, key=key, synth=dict(synth or {}))
         self.batch_size, self.num_workers = batch_size, num_workers
         self.sources: dict[str, Any] = {}
+        self.progress = {"epochs_served": 0}
+
+    def state_dict(self) -> dict[str, int]:  # stored in Lightning checkpoints
+        return dict(self.progress)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.progress.update(state)
 
     def frames(self, split: str):
         """The raw frame source of a split (``train``, ``val``, ``test``)."""
@@ -106,14 +117,18 @@ class PeakDataModule(L.LightningDataModule):
         self.val_set = CropDataset(val, crop, None, seed) if val is not None else None
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochSeededSampler(len(self.train_set), self.kw["seed"])
+        sampler = EpochSeededSampler(len(self.train_set), self.kw["seed"], self.progress)
+        # own generators: creating loader iterators must not draw from the global RNG, whose state the
+        # checkpoints carry (else a validation run between checkpoint and next epoch breaks exact resume)
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          drop_last=True, persistent_workers=self.num_workers > 0)
+                          drop_last=True, persistent_workers=self.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self.kw["seed"]))
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             return []
-        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(self.kw["seed"]))
 
 
 class LabelledFrames:

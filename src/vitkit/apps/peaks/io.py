@@ -621,8 +621,10 @@ def open_frames(paths_or_glob: str | os.PathLike | Sequence[str | os.PathLike], 
     """
     paths = _expand(paths_or_glob)
     if not paths:
-        raise FramesNotFoundError(f"no file matches {os.fspath(paths_or_glob) if not isinstance(paths_or_glob, (list, tuple)) else list(paths_or_glob)}; "  # noqa: E501
-                                  "check the path or glob (and that relative paths are relative to the cwd).")
+        what = [os.fspath(p) for p in paths_or_glob] if isinstance(paths_or_glob, (list, tuple)) \
+            else os.fspath(paths_or_glob)
+        raise FramesNotFoundError(f"no file matches {what!r}; expected at least one frame file. Check the path "
+                                  "or glob (relative paths are relative to the current directory).")
     for p in paths:
         if not os.path.exists(p):
             raise FramesNotFoundError(f"{p} does not exist (from {paths_or_glob!r}).")

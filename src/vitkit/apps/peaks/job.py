@@ -185,14 +185,15 @@ def train(cfg) -> Path:
 
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
             checkpoint[MODEL_CONFIG_KEY] = model_cfg
-            checkpoint["vitkit_rng"] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].copy()}
+            checkpoint["vitkit_rng"] = {"torch": torch.get_rng_state(),
+                                        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
 
         def on_load_checkpoint(self, trainer, pl_module, checkpoint):
             rng = checkpoint.get("vitkit_rng")
             if rng is not None:
                 torch.set_rng_state(rng["torch"])
                 state = list(np.random.get_state())
-                state[1] = rng["numpy"]
+                state[1] = rng["numpy"].numpy().astype(np.uint32)
                 np.random.set_state(tuple(state))
 
     class AtomicCheckpoint(ModelCheckpoint):
@@ -214,7 +215,7 @@ def train(cfg) -> Path:
         Provenance(),
         AtomicCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/pixel_iou", mode="max", save_last=True,
                          save_on_train_epoch_end=True),
-        TQDMProgressBar(refresh_rate=max(1, int(os.environ.get("VITKIT_PROGRESS_REFRESH", 10)))),
+        TQDMProgressBar(refresh_rate=max(1, int(os.environ.get("VITKIT_PROGRESS_REFRESH", 1)))),
     ]
     trainer = L.Trainer(default_root_dir=str(run_dir), logger=CSVLogger(str(run_dir), name="logs", version=""),
                         callbacks=callbacks, deterministic=True, **trainer_kw)

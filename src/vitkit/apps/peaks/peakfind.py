@@ -123,6 +123,7 @@ def find_peaks(mask: np.ndarray, image: np.ndarray, min_pixels: int = 1, connect
         float64 ``[n, 3]`` rows ``(y, x, integrated_intensity)``: the intensity-weighted centroid with weights
         ``max(image, 0)`` (the unweighted pixel mean when a component's weights sum to 0) and the sum of
         ``image`` (unclipped) over the component. Rows follow the component order (first pixel, raster).
+        NaN pixels in a component make its row NaN (:func:`vitkit.apps.peaks.open_frames` rejects such frames).
     """
     mask, image = _as_mask_image(mask, image)
     flat, comp, n = label_components(mask, connectivity, method)

@@ -1,0 +1,180 @@
+"""The PeakNet job end to end: `vitkit train` / `predict` / `evaluate`, CXI read-back, resume after kill -9,
+DDP on 2 CPU processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+TINY = ["model.embed_dim=32", "model.depth=2", "model.num_q=4", "data.num_train=32", "data.num_val=4",
+        "data.num_test=4", "data.frame_shape=[96,80]", "trainer.val_check_interval=4", "predict.overlays=1"]
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vitkit.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("job") / "run"
+    res = run_cli("train", f"run_dir={run}", "trainer.max_steps=12", *TINY)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run, res
+
+
+def test_train_writes_everything_and_prints_the_run_dir_last(trained_run):
+    run, res = trained_run
+    assert res.stdout.strip().splitlines()[-1] == str(run)
+    assert "Epoch 2" in res.stdout and "predict: 100%" in res.stderr  # progress bars (Lightning: stdout)
+    for name in ("checkpoints/last.ckpt", "checkpoints/best.ckpt", "metrics.json", "peaks.cxi", "peaks.csv",
+                 "overlay_0000.png", "curves.png", "config.yaml", "model/model.safetensors", "logs/metrics.csv"):
+        assert (run / name).exists(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("peak_precision", "peak_recall", "peak_f1", "pixel_iou", "centroid_rmse_px"):
+        assert key in metrics
+    assert metrics["num_frames"] == 4
+
+
+def test_cxi_reads_back_with_h5py(trained_run):
+    run, _ = trained_run
+    with h5py.File(run / "peaks.cxi", "r") as f:
+        res = f["/entry_1/result_1"]
+        n = res["nPeaks"][()]
+        assert n.shape == (4,) and n.dtype == np.int32
+        for name in ("peakXPosRaw", "peakYPosRaw", "peakTotalIntensity"):
+            assert res[name].shape == (4, 2048) and res[name].dtype == np.float32
+        rows = []
+        for i in range(4):
+            for j in range(n[i]):
+                rows.append((i, res["peakYPosRaw"][i, j], res["peakXPosRaw"][i, j], res["peakTotalIntensity"][i, j]))
+            assert not res["peakXPosRaw"][i, n[i]:].any()  # zero padding past nPeaks
+    lines = (run / "peaks.csv").read_text().strip().splitlines()
+    assert lines[0] == "frame,y,x,intensity"
+    csv_rows = [tuple(float(v) for v in line.split(",")) for line in lines[1:]]
+    assert len(csv_rows) == len(rows)
+    assert np.allclose(np.array(csv_rows, dtype=np.float64), np.array(rows, dtype=np.float64), rtol=1e-5, atol=1e-3)
+
+
+def test_predict_and_evaluate_on_files_of_any_size(trained_run, tmp_path):
+    from vitkit.apps.peaks.io import read_cxi_peaks, write_zarr
+    from vitkit.apps.peaks.job import load_model, predict
+    from vitkit.apps.peaks.synthetic import SynthConfig, SyntheticPeakDataset
+
+    run, _ = trained_run
+    ds = SyntheticPeakDataset(3, cfg=SynthConfig(shape=(100, 150)), seed=42)
+    images = np.stack([ds[i]["image"].numpy().reshape(100, 150) for i in range(3)])
+    labels = np.stack([ds[i]["label"].numpy() for i in range(3)])
+    write_zarr(tmp_path / "frames.zarr", images, labels)
+    np.save(tmp_path / "frames.npy", images)
+
+    out_z = tmp_path / "pz"
+    res = run_cli("predict", str(run), str(tmp_path / "frames.zarr"), "--out", str(out_z), "--overlays", "1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_cli("predict", str(run / "checkpoints" / "last.ckpt"), str(tmp_path / "frames.npy"),
+                  "--out", str(tmp_path / "pn"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = read_cxi_peaks(out_z / "peaks.cxi"), read_cxi_peaks(tmp_path / "pn" / "peaks.cxi")
+    assert len(a) == 3 and all(np.array_equal(x, y) for x, y in zip(a, b))
+    # the CLI equals the library call, frame for frame, in input order
+    model = load_model(run)
+    direct = predict(model, images, tmp_path / "lib", overlays=0, progress=False)
+    assert all(np.allclose(x, y) for x, y in zip(a, direct["peaks"]))
+
+    res = run_cli("evaluate", str(run), str(tmp_path / "frames.zarr"), "--out", str(tmp_path / "ev"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert {"peak_f1", "pixel_iou", "pixel_dice", "centroid_rmse_px"} <= set(m) and m["num_frames"] == 3
+    assert "peak_f1" in res.stdout
+
+
+def test_bad_inputs_give_clear_errors(trained_run, tmp_path):
+    run, _ = trained_run
+    bad = np.zeros((2, 64, 64), dtype=np.float32)
+    bad[1, 3, 3] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    res = run_cli("predict", str(run), str(tmp_path / "nan.npy"), "--out", str(tmp_path / "o"))
+    assert res.returncode != 0 and "NaN" in res.stderr and "frame 1" in res.stderr
+    res = run_cli("predict", str(tmp_path / "nowhere"), str(tmp_path / "nan.npy"))
+    assert res.returncode != 0 and "no checkpoint" in res.stderr
+    assert not (tmp_path / "o" / "peaks.cxi").exists()
+
+
+def _ckpt_step(path: Path) -> int:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+    except Exception:
+        return -1
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+    args = ["trainer.max_steps=80", *TINY]
+    ref = run_cli("train", f"run_dir={tmp_path / 'ref'}", *args)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "vitkit.cli", "train", f"run_dir={run}", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists():  # first epoch checkpoint (written atomically): kill right away
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be killed; make the run longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "metrics.json").exists()
+    killed_at = _ckpt_step(last)
+    assert 4 <= killed_at < 80, killed_at
+
+    res = run_cli("train", f"resume={run}", *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((run / "metrics.json").read_text()) == json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    from safetensors.torch import load_file
+
+    a, b = load_file(run / "model" / "model.safetensors"), load_file(tmp_path / "ref" / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+
+
+DDP_SCRIPT = r"""
+import hashlib, sys, torch, lightning as L
+from vitkit.apps.peaks.job import compose
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from vitkit.apps.peaks.datamodule import PeakDataModule
+from vitkit.tasks.train import SegmentationModule
+
+cfg = compose(["model.embed_dim=32", "model.depth=2", "model.num_q=4", "data.num_train=32", "data.num_val=4"])
+L.seed_everything(0, verbose=False)
+model = instantiate(OmegaConf.to_container(cfg.model, resolve=True))
+module = SegmentationModule(model, **OmegaConf.to_container(cfg.module, resolve=True))
+data = PeakDataModule(**OmegaConf.to_container(cfg.data, resolve=True))
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy=sys.argv[2], max_steps=3, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                    limit_val_batches=0)
+trainer.fit(module, datamodule=data)
+flat = torch.cat([p.detach().flatten() for p in module.model.parameters()])
+digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+open(f"{sys.argv[1]}/rank{trainer.global_rank}.txt", "w").write(f"{digest} {trainer.global_step}")
+"""
+
+
+def test_ddp_two_cpu_processes_keep_parameters_identical(tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    res = subprocess.run([sys.executable, str(script), str(tmp_path), "ddp"], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()
+    assert r0 == r1 and r0.endswith(" 3"), (r0, r1)
