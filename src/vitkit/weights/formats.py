@@ -195,26 +195,35 @@ _register(dataclasses.replace(
     signature=FORMATS["hf_dinov2"].signature + (r"^embeddings\.register_tokens$",),
     config=dict(interpolate_offset=0.0, interpolate_antialias=True)))
 
+def _hf_dinov3_tables(layer: str) -> dict:
+    """Renames and fusions of HF's DINOv3 layers (``layer.N`` in DINOv3ViTModel, ``layers.N`` in EoMT)."""
+    L = re.escape(layer)
+    return dict(
+        renames=((rf"^{L}\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
+                 (rf"^{L}\.(\d+)\.layer_scale(\d)\.lambda1$", r"blocks.\1.ls\2.gamma"),
+                 (rf"^{L}\.(\d+)\.mlp\.up_proj\.", r"blocks.\1.mlp.fc1."),  # plain MLP (w12/w3 if gated)
+                 (rf"^{L}\.(\d+)\.mlp\.down_proj\.", r"blocks.\1.mlp.fc2."),
+                 (rf"^{L}\.(\d+)\.", r"blocks.\1."),
+                 (r"^embeddings\.patch_embeddings\.", "patch_embed.proj."),
+                 (r"^embeddings\.(cls_token|mask_token|register_tokens)$", r"\1"),
+                 (r"^layernorm\.", "norm.")),
+        fuses=(Fuse(rf"^{L}\.(?P<i>\d+)\.attention\.(?P<part>q|k|v)_proj\.(?P<kind>weight|bias)$", ("q", "k", "v"),
+                    "blocks.{i}.attn.qkv.{kind}", zero_fill=("k",)),  # HF keeps no key bias
+               # gated MLP: gate_proj (silu) and up_proj -> w12
+               Fuse(rf"^{L}\.(?P<i>\d+)\.mlp\.(?P<part>gate_proj|up_proj)\.(?P<kind>weight|bias)$",
+                    ("gate_proj", "up_proj"), "blocks.{i}.mlp.w12.{kind}")),
+        shapes=((r"^mask_token$", _as_row),),
+    )
+
+
 _register(Format(
     name="hf_dinov3",
     description="Hugging Face DINOv3ViTModel",
     family="dinov3",
     signature=(r"^embeddings\.patch_embeddings\.weight$", r"^layer\.0\.attention\.q_proj\.weight$"),
-    renames=((r"^layer\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
-             (r"^layer\.(\d+)\.layer_scale(\d)\.lambda1$", r"blocks.\1.ls\2.gamma"),
-             (r"^layer\.(\d+)\.mlp\.up_proj\.", r"blocks.\1.mlp.fc1."),
-             (r"^layer\.(\d+)\.mlp\.down_proj\.", r"blocks.\1.mlp.fc2."),
-             (r"^layer\.(\d+)\.", r"blocks.\1."),
-             (r"^embeddings\.patch_embeddings\.", "patch_embed.proj."),
-             (r"^embeddings\.(cls_token|mask_token|register_tokens)$", r"\1")),
-    fuses=(Fuse(r"^layer\.(?P<i>\d+)\.attention\.(?P<part>q|k|v)_proj\.(?P<kind>weight|bias)$", ("q", "k", "v"),
-                "blocks.{i}.attn.qkv.{kind}", zero_fill=("k",)),
-           # gated MLP: gate_proj (silu) and up_proj -> w12, down_proj -> w3
-           Fuse(r"^layer\.(?P<i>\d+)\.mlp\.(?P<part>gate_proj|up_proj)\.(?P<kind>weight|bias)$",
-                ("gate_proj", "up_proj"), "blocks.{i}.mlp.w12.{kind}")),
     drops=((r"^pooler\.|^classifier\.", "classification head"),),
-    shapes=((r"^mask_token$", _as_row),),
     strip_prefixes=("dinov3.", "model."),
+    **_hf_dinov3_tables("layer"),
 ))
 
 _register(Format(
@@ -309,20 +318,8 @@ _register(Format(
     description="Hugging Face EomtDinov3ForUniversalSegmentation backbone",
     family="dinov3",
     signature=(r"^layers\.0\.attention\.o_proj\.weight$",),
-    renames=((r"^layers\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
-             (r"^layers\.(\d+)\.layer_scale(\d)\.lambda1$", r"blocks.\1.ls\2.gamma"),
-             (r"^layers\.(\d+)\.mlp\.up_proj\.", r"blocks.\1.mlp.fc1."),
-             (r"^layers\.(\d+)\.mlp\.down_proj\.", r"blocks.\1.mlp.fc2."),
-             (r"^layers\.(\d+)\.", r"blocks.\1."),
-             (r"^embeddings\.patch_embeddings\.", "patch_embed.proj."),
-             (r"^embeddings\.(cls_token|mask_token|register_tokens)$", r"\1"),
-             (r"^layernorm\.", "norm.")),
-    fuses=(Fuse(r"^layers\.(?P<i>\d+)\.attention\.(?P<part>q|k|v)_proj\.(?P<kind>weight|bias)$", ("q", "k", "v"),
-                "blocks.{i}.attn.qkv.{kind}", zero_fill=("k",)),
-           Fuse(r"^layers\.(?P<i>\d+)\.mlp\.(?P<part>gate_proj|up_proj)\.(?P<kind>weight|bias)$",
-                ("gate_proj", "up_proj"), "blocks.{i}.mlp.w12.{kind}")),
-    shapes=FORMATS["hf_dinov3"].shapes,
     optional_missing=((r"^mask_token$", "EoMT does not use the mask token"),),
+    **_hf_dinov3_tables("layers"),
 ))
 
 
