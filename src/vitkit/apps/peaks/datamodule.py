@@ -152,6 +152,8 @@ def make_source(split: str, source: str, frame_shape, num_train: int, num_val: i
         from vitkit.apps.peaks.synthetic import SynthConfig, SyntheticPeakDataset
 
         n = {"train": num_train, "val": num_val, "test": num_test}[split]
+        if n == 0:
+            return None
         offset = {"train": 0, "val": 1, "test": 2}[split]
         cfg = SynthConfig(shape=tuple(frame_shape), **(synth or {}))
         return SyntheticPeakDataset(n, seed=seed * 10 + offset, cfg=cfg)
