@@ -287,3 +287,31 @@ def test_official_lightning_checkpoint(tmp_path):
     wrong = _tiny(in_chans=3, num_q=5)
     with pytest.raises(vitkit.CheckpointMismatchError, match="q.weight"):
         wrong.load_weights(path)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = _tiny().train()
+    model.attn_mask_probs.zero_()  # deterministic: no random query dropping
+    x = torch.randn(2, 1, 64, 64)
+
+    def grads():
+        model.zero_grad()
+        masks, classes = model(x)
+        (masks[-1].square().mean() + classes[-1].square().mean()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.set_grad_checkpointing(True)
+    ckpt = grads()
+    assert plain.keys() == ckpt.keys() and len(plain) > 10
+    for n in plain:
+        assert torch.allclose(plain[n], ckpt[n], atol=1e-6), n
+
+
+def test_hf_directory_with_default_two_labels(tmp_path):
+    cfg = transformers.EomtConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                                  patch_size=16, num_queries=3, num_blocks=1, num_register_tokens=4)
+    transformers.EomtForUniversalSegmentation(cfg).save_pretrained(tmp_path)
+    model = vitkit.from_pretrained(tmp_path)
+    assert model.num_classes == cfg.num_labels == 2

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vitkit.backbones.factory import create_backbone, create_dinov2_encoder
 from vitkit.backbones.vit import VisionTransformer
@@ -122,8 +123,14 @@ class EoMT(nn.Module):
             self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, -1, 1, 1), persistent=False)
         else:
             self.pixel_mean = self.pixel_std = None
+        self.grad_checkpointing = False
         self.init_config = dict(num_classes=num_classes, num_q=num_q, num_blocks=num_blocks, mask_stride=mask_stride,
                                 masked_attn_enabled=masked_attn_enabled, pixel_mean=pixel_mean, pixel_std=pixel_std)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute backbone blocks and the upscaler in the backward pass (less training memory)."""
+        self.grad_checkpointing = enable
+        self.encoder.set_grad_checkpointing(enable)
 
     # -------------------------------------------------------------------------------------- helpers
     @property
@@ -145,7 +152,10 @@ class EoMT(nn.Module):
         class_logits = self.class_head(q)
         patches = x[:, self.num_q + self.encoder.num_prefix_tokens:]
         feats = patches.transpose(1, 2).reshape(B, -1, *grid)  # NLC -> NCHW
-        feats = self.upscale(feats)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            feats = checkpoint(self.upscale, feats, use_reentrant=False)
+        else:
+            feats = self.upscale(feats)
         mask_logits = torch.einsum("bqc,bchw->bqhw", self.mask_head(q), feats)
         if tuple(mask_logits.shape[-2:]) != tuple(out_size):
             mask_logits = F.interpolate(mask_logits, size=out_size, mode="bilinear", align_corners=False)

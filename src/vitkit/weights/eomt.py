@@ -126,7 +126,8 @@ def _hf_eomt_configs(doc: dict[str, Any]) -> tuple[ViTConfig, dict[str, Any]]:
         stride = p // 2 ** n_up
     else:
         raise ConfigError(f"{n_up} upscale blocks with patch {p} give no integer mask stride")
-    num_labels = len(doc.get("id2label") or {}) or doc.get("num_labels", 150)
+    # transformers omits num_labels/id2label at its default of 2 labels
+    num_labels = len(doc.get("id2label") or {}) or doc.get("num_labels", 2)
     head = dict(num_classes=num_labels, num_q=doc["num_queries"], num_blocks=doc["num_blocks"], mask_stride=stride)
     return vit, head
 
