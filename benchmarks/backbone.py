@@ -10,7 +10,9 @@ Method: every model is eval() and runs under ``torch.inference_mode()``; bf16 me
 ``torch.autocast("cpu", dtype=torch.bfloat16)`` around the forward for all three implementations, with the
 weights and the input kept in fp32. Per setting (case, batch, dtype) the implementations are called
 round-robin (starting implementation rotating each round) for ``warmup`` discarded rounds and ``reps``
-timed rounds; the median wall time (time.perf_counter) is reported. vitkit's weights are loaded from the
+timed rounds; the median wall time (time.perf_counter) is reported. The machine may be shared: a timed call
+during which other processes used more than ``--max-foreign`` cores (from /proc/stat minus this process's
+CPU time) is discarded and repeated after waiting for a quiet machine. vitkit's weights are loaded from the
 timm model's state dict (so vitkit and timm compute the same function; their outputs are compared once),
 the transformers model keeps its own random weights (weights do not affect the cost of these kernels).
 
@@ -102,8 +104,9 @@ def _copy_timm_into_vitkit(vk: torch.nn.Module, tm: torch.nn.Module, notes: dict
 
 def _build_dinov2() -> tuple[dict, dict[str, str]]:
     import timm
-    import vitkit
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    import vitkit
 
     notes: dict[str, str] = {}
     vk = vitkit.create_backbone("dinov2_vits14_reg", img_size=518).eval()
@@ -125,8 +128,9 @@ def _build_dinov2() -> tuple[dict, dict[str, str]]:
 
 def _build_dinov3() -> tuple[dict, dict[str, str]]:
     import timm
-    import vitkit
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    import vitkit
 
     notes: dict[str, str] = {}
     vk = vitkit.create_backbone("dinov3_vits16", img_size=640).eval()
@@ -185,7 +189,8 @@ def _progress(prefix: str) -> Callable[[str], None]:
 
 
 def run_case(case: Case, batches: list[int], dtypes: list[str], impls: list[str], warmup: dict[int, int],
-             reps: dict[int, int], peaks: dict[str, float]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+             reps: dict[int, int], peaks: dict[str, float], max_foreign: float | None = 0.25,
+             idle_wait: float = 60.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     built, notes = case.build()
@@ -204,23 +209,48 @@ def run_case(case: Case, batches: list[int], dtypes: list[str], impls: list[str]
         for b in batches:
             x = torch.randn(b, 3, case.img, case.img, generator=g)
             fns = {k: _runner(fn, x, dtype) for k, (_, fn) in models.items()}
-            times = common.time_interleaved(fns, warmup[b], reps[b],
-                                            progress=_progress(f"{case.name} B={b} {dt_name}"))
+            waited = common.wait_for_idle(max_foreign, max_wait=idle_wait) if max_foreign and idle_wait else 0.0
+            times, tstats = common.time_interleaved(fns, warmup[b], reps[b],
+                                                    progress=_progress(f"{case.name} B={b} {dt_name}"),
+                                                    max_foreign=max_foreign, idle_wait=idle_wait)
             fl = case.flops(b)["total"]
             peak = peaks[dt_name]
             row: dict[str, Any] = {"case": case.name, "title": case.title, "batch": b, "dtype": dt_name,
-                                   "gflop": fl / 1e9, "impls": {}}
+                                   "gflop": fl / 1e9, "impls": {}, "waited_for_idle_s": waited,
+                                   "foreign_load_mean": max(
+                                       (sum(v) / len(v) for v in tstats["foreign_load"].values() if v), default=0.0),
+                                   "discarded_calls": tstats["discarded_calls"],
+                                   "idle_wait_in_timing_s": tstats["idle_wait_s"],
+                                   "contended_calls_kept": tstats["contended_calls_kept"],
+                                   "foreign_load_per_call": tstats["foreign_load"]}
             for k, ts in times.items():
                 s = common.summarize(ts)
                 s.update(ms=s["median_s"] * 1e3, img_s=b / s["median_s"], gflops=fl / s["median_s"] / 1e9,
                          peak_share=fl / s["median_s"] / 1e9 / peak, times_s=ts)
                 row["impls"][k] = s
-            if "vitkit" in row["impls"]:
-                vk_t = row["impls"]["vitkit"]["median_s"]
-                row["ratio"] = {k: v["median_s"] / vk_t for k, v in row["impls"].items() if k != "vitkit"}
+            add_ratios(row)
             rows.append(row)
     del models, built
     return rows, info
+
+
+def add_ratios(row: dict[str, Any]) -> None:
+    """``ratio``: peer median / vitkit median; ``ratio_rounds``: the same per round (calls of one round ran
+    back to back, so these paired ratios are free of slow drift and show the noise of the ratio)."""
+    im = row["impls"]
+    if "vitkit" not in im:
+        return
+    vk = im["vitkit"]
+    row["ratio"] = {k: v["median_s"] / vk["median_s"] for k, v in im.items() if k != "vitkit"}
+    row["ratio_rounds"] = {k: [p / q for p, q in zip(v["times_s"], vk["times_s"])]
+                           for k, v in im.items() if k != "vitkit"}
+
+
+def _ratio_cell(r: dict[str, Any], k: str) -> str:
+    rr = r.get("ratio_rounds", {}).get(k)
+    if not rr or len(rr) < 2:
+        return f"{r['ratio'][k]:.2f}"
+    return f"{r['ratio'][k]:.2f} [{min(rr):.2f}-{max(rr):.2f}]"
 
 
 def render(rows: list[dict[str, Any]], impls: list[str], markdown: bool = False) -> str:
@@ -228,30 +258,54 @@ def render(rows: list[dict[str, Any]], impls: list[str], markdown: bool = False)
     headers = ["case", "B", "dtype"] + [f"{k} ms" for k in impls]
     if "vitkit" in impls:
         headers += ["vitkit img/s"] + [f"x {k}" for k in peers]
-    headers += [f"%peak {k}" for k in impls] + ["spread"]
+    headers += [f"%peak {k}" for k in impls] + ["spread", "other load"]
     out = []
     for r in rows:
         im = r["impls"]
         line = [r["title"] if markdown else r["case"], r["batch"], r["dtype"]]
         line += [f"{im[k]['ms']:.0f}" for k in impls]
         if "vitkit" in impls:
-            line += [f"{im['vitkit']['img_s']:.2f}"] + [f"{r['ratio'][k]:.2f}" for k in peers]
+            line += [f"{im['vitkit']['img_s']:.2f}"] + [_ratio_cell(r, k) for k in peers]
         line += [f"{100 * im[k]['peak_share']:.0f}%" for k in impls]
-        line += [f"{100 * max(im[k]['spread'] for k in impls):.0f}%"]
+        line += [f"{100 * max(im[k]['spread'] for k in impls):.0f}%",
+                 f"{r['foreign_load_mean']:.2f}" + ("!" if r["contended_calls_kept"] else "")]
         out.append(line)
     return common.format_table(headers, out, markdown=markdown)
 
 
 def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """vitkit/timm against the target per row. ``verdict`` is MET / NOT met on the median ratio, with
+    "(within noise)" when the per-round ratios straddle the target."""
     out = []
     for r in rows:
         if "ratio" not in r or "timm" not in r["ratio"]:
             continue
         target = GOALS[r["dtype"]]
         got = r["ratio"]["timm"]
+        rr = r.get("ratio_rounds", {}).get("timm") or [got]
+        met = got >= target
+        verdict = "MET" if met else "NOT met"
+        if min(rr) < target <= max(rr):
+            verdict += " (within noise)"
         out.append({"case": r["case"], "batch": r["batch"], "dtype": r["dtype"], "target": target,
-                    "vitkit_over_timm": got, "met": got >= target})
+                    "vitkit_over_timm": got, "per_round": rr, "met": met, "verdict": verdict})
     return out
+
+
+def print_report(rows: list[dict[str, Any]], impls: list[str], markdown: bool) -> list[dict[str, Any]]:
+    print()
+    print(render(rows, impls, markdown=markdown))
+    print("\nx peer = vitkit speed / peer speed (>1: vitkit faster), median [range of the per-round paired ratios]; "
+          "%peak = analytic GFLOP/s over the GEMM peak of the same dtype; spread = (max-min)/median of the "
+          "noisiest implementation; other load = mean cores used by other processes during the kept calls "
+          "('!': some kept calls exceeded --max-foreign)")
+    gl = goals(rows)
+    if gl:
+        print("\ngoals (vitkit speed / timm speed; fp32 >= 1.0x, bf16 >= 1.5x):")
+        for g in gl:
+            print(f"  {g['case']:20s} B={g['batch']} {g['dtype']}: {g['vitkit_over_timm']:.2f}x "
+                  f"(goal >= {g['target']}x) {g['verdict']}")
+    return gl
 
 
 # ------------------------------------------------------------------------------------------- profiling
@@ -270,16 +324,20 @@ def profile(cases: list[Case], batch: int, dtypes: list[str], impls: list[str], 
                 run = _runner(built[k][1], x, DTYPES[dt_name])
                 run()
                 run()
+                common.wait_for_idle(max_wait=30)
+                fl = common.ForeignLoad()
+                fl.start()
                 with tprofile(activities=[ProfilerActivity.CPU]) as prof:
                     t0 = time.perf_counter()
                     for _ in range(iters):
                         run()
                     wall = (time.perf_counter() - t0) / iters
+                load = fl.stop()
                 ops = common.top_ops(prof, top)
                 key = f"{case.name} B={batch} {dt_name} {k}"
-                result[key] = {"wall_ms_profiled": wall * 1e3, "top_ops": ops}
-                print(f"\n== {key}: {wall * 1e3:.0f} ms/forward under the profiler; top {top} ops by self CPU "
-                      f"(summed over {iters} forwards)")
+                result[key] = {"wall_ms_profiled": wall * 1e3, "top_ops": ops, "foreign_load": load}
+                print(f"\n== {key}: {wall * 1e3:.0f} ms/forward under the profiler (other processes: {load:.2f} "
+                      f"cores); top {top} ops by self CPU time, per forward")
                 print(common.format_table(
                     ["op", "calls/fwd", "self ms/fwd", "share"],
                     [[o["op"][:60], o["calls"] // iters, f"{o['self_ms'] / iters:.1f}", f"{100 * o['share']:.1f}%"]
@@ -300,8 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default: 2 for B=1, 1 for B>1)")
     ap.add_argument("--reps", type=int, default=None, help="timed rounds (default: 7 for B=1, 3 for B>1)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-foreign", type=float, default=0.25,
+                    help="discard and repeat timed calls during which other processes used more than this many "
+                         "cores (0 disables); also wait up to --idle-wait s for a quiet machine before each setting")
+    ap.add_argument("--idle-wait", type=float, default=60.0)
     ap.add_argument("--json", type=Path, default=None, help="also write all results (raw times included) here")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    ap.add_argument("--from-json", type=Path, default=None, help="re-print the report of a saved --json run")
     ap.add_argument("--profile", action="store_true",
                     help="instead of timing, profile each implementation (torch.profiler, top ops by self CPU)")
     ap.add_argument("--top", type=int, default=15, help="ops shown per implementation with --profile")
@@ -323,6 +386,19 @@ def main(argv: list[str] | None = None) -> int:
     warmup = {b: args.warmup if args.warmup is not None else (1 if args.quick or b > 1 else 2) for b in batches}
     reps = {b: args.reps if args.reps is not None else (3 if args.quick or b > 1 else 7) for b in batches}
 
+    if args.from_json:
+        doc = json.loads(args.from_json.read_text())
+        e = doc["env"]
+        print(f"(saved run) command : {e['command']}")
+        print("versions: " + ", ".join(f"{k} {v}" for k, v in e["versions"].items()))
+        print(f"GEMM peak: fp32 {doc['gemm_peak_gflops']['fp32']:.0f} GFLOP/s, bf16 "
+              f"{doc['gemm_peak_gflops']['bf16']:.0f} GFLOP/s; elapsed {doc['elapsed_s']:.0f} s")
+        rows = doc["results"]
+        for r in rows:
+            add_ratios(r)
+        print_report(rows, [k for k in IMPLS if k in rows[0]["impls"]], args.markdown)
+        return 0
+
     env = common.environment()
     common.print_header(env)
     if args.profile:
@@ -332,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     t_start = time.perf_counter()
+    if args.max_foreign and args.idle_wait:
+        common.wait_for_idle(args.max_foreign, max_wait=args.idle_wait)
     peaks = {"fp32": common.gemm_peak(torch.float32), "bf16": common.gemm_peak(torch.bfloat16)}
     print(f"GEMM peak (2048^3 matmul, best of 5): fp32 {peaks['fp32']:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16']:.0f} GFLOP/s")
@@ -345,22 +423,15 @@ def main(argv: list[str] | None = None) -> int:
     all_rows: list[dict[str, Any]] = []
     infos: dict[str, Any] = {}
     for c in cases:
-        rows, info = run_case(CASES[c], batches, dtypes, impls, warmup, reps, peaks)
+        rows, info = run_case(CASES[c], batches, dtypes, impls, warmup, reps, peaks,
+                              max_foreign=args.max_foreign or None, idle_wait=args.idle_wait)
         all_rows += rows
         infos[c] = info
         print(f"case    : {CASES[c].title}: params {info['params']}, max|vitkit-timm| fp32 "
               f"{info['max_abs_diff_vitkit_timm_fp32']}, notes {info['notes']}")
     elapsed = time.perf_counter() - t_start
 
-    print()
-    print(render(all_rows, impls, markdown=args.markdown))
-    print("\nx peer = vitkit speed / peer speed (>1: vitkit faster); %peak = analytic GFLOP/s over the GEMM peak "
-          "of the same dtype; spread = (max-min)/median of the noisiest implementation")
-    gl = goals(all_rows)
-    if gl:
-        print("\ngoals (vitkit vs timm): " + "; ".join(
-            f"{g['case']} B={g['batch']} {g['dtype']}: {g['vitkit_over_timm']:.2f}x "
-            f"(goal >= {g['target']}x) {'MET' if g['met'] else 'NOT met'}" for g in gl))
+    gl = print_report(all_rows, impls, args.markdown)
     print(f"\ntotal benchmark time {elapsed:.0f} s")
     if args.json:
         doc = {"env": env, "gemm_peak_gflops": peaks, "warmup": warmup, "reps": reps, "cases": infos,
