@@ -201,3 +201,15 @@ def test_bf16_accumulation_clipping_and_cosine_run(tmp_path):
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 4  # optimizer steps, i.e. 8 batches with accumulation 2
     assert not (run / "metrics.json").exists()  # no held-out frames asked for
+
+
+def test_ddp_under_torchrun(tmp_path):
+    """The same DDP training launched by torchrun (Lightning picks up the torchelastic environment)."""
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                          str(script), str(tmp_path), "ddp"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()
+    assert r0 == r1 and r0.endswith(" 3"), (r0, r1)
