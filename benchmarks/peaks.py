@@ -153,8 +153,8 @@ def main() -> int:
                               rows))
     ratio = med["loop"] / med["vitkit"]
     print(f"\nndimage.label alone: {med_label:.2f} ms/frame (a floor for every ndimage-based method)")
-    print(f"discarded rounds (other load): {stats['discarded_rounds']}, contended kept: "
-          f"{stats['contended_rounds_kept']}")
+    print(f"discarded calls (other load): {stats['discarded_calls']}, contended kept: "
+          f"{stats['contended_calls_kept']}")
     if naive is not None:
         print(f"vitkit vs naive full-frame loop: {naive / med['vitkit']:.0f}x")
     print(f"\nvitkit find_peaks vs loop: {ratio:.1f}x (goal >= {GOAL:.0f}x): {'MET' if ratio >= GOAL else 'NOT MET'}")
