@@ -82,15 +82,20 @@ MIB = 1024 ** 2
 
 
 # --------------------------------------------------------------------------------------------- memory
-def _status_kib(field: str) -> int | None:
+def _proc_kib(path: str, field: str) -> int | None:
+    """A ``Field:  N kB`` value from a /proc file (``/proc/self/status``, ``/proc/meminfo``)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
     return None
+
+
+def _status_kib(field: str) -> int | None:
+    return _proc_kib("/proc/self/status", field)
 
 
 def rss_bytes() -> int:
@@ -484,14 +489,7 @@ def run_big(size: int, check: int | None, num_q: int, num_classes: int) -> dict[
 
 
 def _meminfo_kib(field: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+    return _proc_kib("/proc/meminfo", field)
 
 
 def render_big(r: dict[str, Any]) -> str:

@@ -213,3 +213,12 @@ def test_ddp_under_torchrun(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()
     assert r0 == r1 and r0.endswith(" 3"), (r0, r1)
+
+
+def test_evaluate_defaults_to_the_runs_held_out_frames(trained_run, tmp_path):
+    run, _ = trained_run
+    res = run_cli("evaluate", str(run), "--out", str(tmp_path / "ev"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    want = json.loads((run / "metrics.json").read_text())
+    assert got == want  # same model, same held-out synthetic frames as the end of `vitkit train`

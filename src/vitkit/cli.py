@@ -112,8 +112,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         run = Path(args.checkpoint)
         run = run if run.is_dir() else run.parent.parent
         cfg = OmegaConf.load(run / "config.yaml")
-        frames = make_source("test", **OmegaConf.to_container(cfg.data, resolve=True) | {
-            "sigma": None, "frame_shape": cfg.data.frame_shape})
+        frames = make_source("test", **OmegaConf.to_container(cfg.data, resolve=True))
     true_masks, true_peaks = truth_of(frames)
     out = Path(args.out)
     res = predict(model, frames, out, overlap=args.overlap, overlays=0)
