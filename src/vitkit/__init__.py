@@ -28,7 +28,33 @@ from vitkit.weights import load_weights, save_pretrained
 
 __version__ = "0.1.0"
 
+# Optional parts are imported on first use, so `import vitkit` stays light.
+_LAZY = {
+    "build_model": "vitkit.zoo",
+    "heads": "vitkit.heads",
+    "ViTTrunkMultiScale": "vitkit.models.trunk",
+    "SimpleFeaturePyramid": "vitkit.models.trunk",
+    "Aggregator": "vitkit.models.aggregator",
+    "dinov3_vits16": "vitkit.backbones.hub_functions",
+    "dinov3_vitb16": "vitkit.backbones.hub_functions",
+    "dinov3_vitl16": "vitkit.backbones.hub_functions",
+    "dinov3_vitl16plus": "vitkit.backbones.hub_functions",
+    "dinov3_vith16plus": "vitkit.backbones.hub_functions",
+    "dinov3_vit7b16": "vitkit.backbones.hub_functions",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(_LAZY[name])
+        return module if module.__name__.endswith("." + name) else getattr(module, name)
+    raise AttributeError(f"module 'vitkit' has no attribute {name!r}")
+
+
 __all__ = [
+    *_LAZY,
     "PRESETS",
     "CheckpointError",
     "CheckpointMismatchError",
