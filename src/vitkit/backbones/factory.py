@@ -121,7 +121,7 @@ def from_pretrained(path_or_id: str | Path, **overrides: Any):
         cfg = _config_from_checkpoint(path)
         cfg.update(overrides)
         model = VisionTransformer(ViTConfig.from_dict(cfg))
-        load_weights(model, path)
+        load_weights(model, path, keep_config=set(overrides))
         return model.eval()
     cfg_file = path / "config.json"
     if not cfg_file.exists():
@@ -142,7 +142,7 @@ def from_pretrained(path_or_id: str | Path, **overrides: Any):
         if overrides:
             cfg = cfg.replace(**overrides)
     model = VisionTransformer(cfg)
-    load_weights(model, weights)
+    load_weights(model, weights, keep_config=set(overrides))  # explicit overrides win
     return model.eval()
 
 
