@@ -1,0 +1,592 @@
+"""Multi-scale trunks on a plain ViT: SAM2's trunk contract and ViTDet's simple feature pyramid.
+
+A plain ViT has one feature map, at the patch stride. Detectors and SAM2 want four, at strides 4, 8, 16
+and 32. Both modules here build them from the ViT's stride-16 token grid, with exact sizes:
+
+* :class:`ViTTrunkMultiScale` (SAM2 trunk, cascaded): F16 is a projection of the patch tokens, F32 a
+  stride-2 conv of F16, F8 and F4 are x2 upsamplings of F16 and F8 (learned deconvs, or bilinear + conv),
+  optionally refined by residual depthwise-separable convs.
+* :class:`SimpleFeaturePyramid` (ViTDet, parallel): every level comes straight from the last ViT map
+  through deconvs / identity / max-pool, then a 1x1 and a 3x3 conv, each with LayerNorm2d.
+
+Both follow SAM2's trunk contract: ``channel_list`` lists the channels lowest resolution first (as
+Hiera's ``[C32, C16, C8, C4]``), and ``forward(x)`` returns the maps highest resolution first
+``[F4, F8, F16, F32]``, each exactly half the size of the previous one. They plug into
+``sam2.modeling.backbones.image_encoder.ImageEncoder`` unchanged (configs in ``vitkit/configs/sam2``).
+
+**Stride 16.** Patch-14 backbones (DINOv2, I-JEPA /14, CLIP L/14) reach stride 16 either by resampling
+the patch embedding to 16x16 (``patch_mode="resample"``, FlexiViT pseudo-inverse: the token grid of an
+HxW image becomes H/16 x W/16) or by resizing the input by p/16 before the ViT (``patch_mode="resize"``).
+
+**Input sizes.** H and W must be multiples of 32 (so that every level is exactly H/s x W/s and the
+levels differ by exactly 2x, which SAM2's FPN neck relies on). Other sizes raise :class:`InputError`
+naming the nearest valid sizes, unless ``pad=True``, which zero-pads bottom/right to the next multiple of
+32; the maps then cover the padded image (``ceil(H/32) * 32 / s`` rows), and the caller crops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitkit.backbones.config import FAMILIES
+from vitkit.backbones.factory import create_backbone, from_pretrained
+from vitkit.backbones.presets import PRESETS, get_preset
+from vitkit.backbones.vit import VisionTransformer
+from vitkit.errors import ConfigError, InputError
+from vitkit.layers import LayerNorm2d, PatchEmbed, resample_patch_embed
+from vitkit.weights.loading import load_weights
+
+STRIDE = 16  # the ViT token grid every pyramid level is derived from
+
+# encoder_type -> backbone families it accepts ("custom", i.e. an explicit config, is always accepted)
+ENCODER_TYPES: dict[str, tuple[str, ...]] = {
+    "dino": ("dinov2", "dinov3", "vit"),  # DINO v1 weights are plain ViTs (family "vit")
+    "dinov2": ("dinov2",),
+    "dinov3": ("dinov3",),
+    "ijepa": ("ijepa",),
+    "clip": ("clip",),
+    "vit": ("vit", "deit"),
+    "deit": ("deit",),
+    "auto": FAMILIES,
+}
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+
+# ------------------------------------------------------------------------------------- backbones
+def _parse_dtype(force_dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if force_dtype is None or isinstance(force_dtype, torch.dtype):
+        if isinstance(force_dtype, torch.dtype) and force_dtype not in _DTYPES.values():
+            raise ConfigError(f"force_dtype {force_dtype} is not a float dtype; expected bf16, fp16 or fp32")
+        return force_dtype
+    key = str(force_dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ConfigError(f"unknown force_dtype {force_dtype!r}; expected None, 'bf16', 'fp16' or 'fp32'")
+    return _DTYPES[key]
+
+
+def _is_checkpoint_ref(s: str | Path) -> bool:
+    """A path on disk, or something shaped like a Hugging Face id (``org/name``)."""
+    s = str(s)
+    return Path(s).exists() or "/" in s or s.endswith((".pth", ".pt", ".safetensors", ".bin"))
+
+
+def _native_patch(name: str | None, config: Mapping[str, Any]) -> int:
+    if "patch_size" in config:
+        return int(config["patch_size"])
+    return int(get_preset(name).config.get("patch_size", 16)) if name else 16
+
+
+def build_vit(backbone: str | Path | VisionTransformer | Mapping[str, Any] | None = None,
+              pretrained: bool | str | Path | None = None, *, img_size: int | Sequence[int] | None = None,
+              in_chans: int | None = None, **backbone_config: Any) -> VisionTransformer:
+    """Resolve the ``backbone`` / ``pretrained`` arguments of the multi-scale trunks to a ViT.
+
+    Args:
+        backbone: a registered name (``"dinov2_vits14_reg"``), a checkpoint (file, HF-style directory or HF
+            model id; its weights are always loaded), a :class:`VisionTransformer`, a mapping of
+            :class:`ViTConfig` fields (explicit architecture), or None (then ``pretrained`` must be a checkpoint
+            or ``backbone_config`` an explicit architecture).
+        pretrained: None/False (random init for names and configs), True (the preset's official weights), or
+            a checkpoint path loaded strictly through vitkit's loader.
+        img_size: built at this size's grid when given (used only for names and explicit configs; the
+            trunks resize other backbones' position tables themselves).
+        in_chans: input channels (RGB weights are folded to 1 channel by summing).
+        **backbone_config: ViTConfig fields overriding the preset (names / explicit configs only).
+
+    Weights are never silently skipped: a contradiction (a checkpoint backbone with ``pretrained=False``, or
+    ``pretrained=True`` without a preset name) raises :class:`ConfigError`.
+    """
+    kw: dict[str, Any] = {} if in_chans is None else {"in_chans": int(in_chans)}
+    size = {} if img_size is None else {"img_size": img_size}
+    if isinstance(backbone, VisionTransformer):
+        if backbone_config:
+            raise ConfigError(f"backbone config {sorted(backbone_config)} given together with a VisionTransformer "
+                              f"module; configure the module itself")
+        if in_chans is not None and int(in_chans) != backbone.config.in_chans:
+            raise ConfigError(f"in_chans={in_chans} but the given backbone takes {backbone.config.in_chans} "
+                              f"channels; build it with create_backbone(..., in_chans={in_chans})")
+        if pretrained is True:
+            raise ConfigError("pretrained=True needs a preset name; with a VisionTransformer module pass "
+                              "pretrained=<checkpoint path> or load the weights yourself")
+        if pretrained not in (None, False):
+            load_weights(backbone, Path(pretrained))
+        return backbone
+    if isinstance(backbone, Mapping):  # explicit architecture (e.g. a Hydra node without _target_)
+        return build_vit(None, pretrained, img_size=img_size, in_chans=in_chans,
+                         **{**dict(backbone), **backbone_config})
+    if isinstance(backbone, (str, Path)) and str(backbone) in PRESETS:
+        return create_backbone(str(backbone), pretrained=bool(pretrained) if pretrained in (None, False, True)
+                               else pretrained, **size, **kw, **backbone_config)
+    checkpoint = backbone
+    if backbone is None:
+        if backbone_config:  # explicit architecture; a checkpoint for it is loaded strictly
+            if pretrained is True:
+                raise ConfigError("pretrained=True needs a preset name; an explicit config has no official weights")
+            return create_backbone(None, pretrained=pretrained or False, **size, **kw, **backbone_config)
+        if pretrained not in (None, False, True):
+            checkpoint, pretrained = pretrained, None
+        else:
+            raise ConfigError("no backbone: pass backbone=<preset name | checkpoint path | HF model id | "
+                              "VisionTransformer> or pretrained=<checkpoint path | HF model id>; see "
+                              "vitkit.list_models() for the names")
+    if not isinstance(checkpoint, (str, Path)):
+        raise ConfigError(f"backbone must be a name, a path, a VisionTransformer or a config mapping, "
+                          f"got {type(checkpoint).__name__}")
+    if not _is_checkpoint_ref(checkpoint):
+        get_preset(str(checkpoint))  # raises ConfigError with close matches
+    if pretrained is False:
+        raise ConfigError(f"backbone {str(checkpoint)!r} is a checkpoint, whose weights are always loaded, but "
+                          f"pretrained=False; use pretrained=None, or a preset name for a random init")
+    if pretrained not in (None, True):
+        raise ConfigError(f"two weight sources: backbone={str(checkpoint)!r} and pretrained={str(pretrained)!r}")
+    if backbone_config:
+        raise ConfigError(f"backbone config {sorted(backbone_config)} given with checkpoint {str(checkpoint)!r}, "
+                          f"whose architecture is read from the checkpoint; use a preset name instead")
+    model = from_pretrained(checkpoint, **kw)
+    if not isinstance(model, VisionTransformer):
+        raise ConfigError(f"{str(checkpoint)!r} holds a {type(model).__name__}, not a ViT backbone; pass "
+                          f"its encoder (model.encoder) as backbone=")
+    return model.train()
+
+
+def resample_to_patch(vit: VisionTransformer, patch_size: int = STRIDE) -> VisionTransformer:
+    """Give ``vit`` another patch size in place, keeping its token grid (FlexiViT resampling).
+
+    The patch-embedding kernel is resampled with the pseudo-inverse of the bicubic resize (see
+    :func:`vitkit.layers.resample_patch_embed`), so an image resized by ``patch_size / p`` gives nearly the
+    same tokens as the original model on the original image. The position table is kept; the config
+    records the new ``patch_size``, ``img_size = grid * patch_size`` and ``extra["patch_resampled_from"]``.
+    """
+    p = vit.patch_size
+    if p == patch_size:
+        return vit
+    old = vit.patch_embed.proj
+    new = PatchEmbed(patch_size, old.in_channels, old.out_channels, bias=old.bias is not None,
+                     device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.proj.weight.copy_(resample_patch_embed(old.weight.detach(), patch_size))
+        if old.bias is not None:
+            new.proj.bias.copy_(old.bias)
+    new.requires_grad_(old.weight.requires_grad)
+    c = vit.config
+    grid = c.grid_size
+    vit.patch_embed, vit.patch_size = new, patch_size
+    c.patch_size, c.img_size = patch_size, (grid[0] * patch_size, grid[1] * patch_size)
+    c.extra["patch_resampled_from"] = p
+    c.validate()
+    return vit
+
+
+def set_grid(vit: VisionTransformer, grid: tuple[int, int]) -> VisionTransformer:
+    """Store the position table for ``grid`` in place, computed exactly as the ViT would on the fly.
+
+    Inputs of that grid then skip the per-call interpolation and give bit-identical tokens.
+    """
+    c = vit.config
+    grid = (int(grid[0]), int(grid[1]))
+    if grid == c.grid_size:
+        return vit
+    if vit.pos_embed is not None:
+        with torch.no_grad():
+            table = vit.interpolate_pos_encoding(grid).detach().clone()
+        vit.pos_embed = nn.Parameter(table, requires_grad=vit.pos_embed.requires_grad)
+    c.img_size = (grid[0] * vit.patch_size, grid[1] * vit.patch_size)
+    c.validate()
+    return vit
+
+
+# --------------------------------------------------------------------------------------- common
+class _ViTPyramid(nn.Module):
+    """Backbone handling shared by the trunks: building, stride 16, freezing, dtype, input checks."""
+
+    channel_list: list[int]
+    strides: list[int]
+
+    def __init__(self, backbone, pretrained, encoder_type: str, img_size, in_chans: int | None, patch_mode: str,
+                 freeze_vit: bool, force_dtype, pad: bool, verbose: bool, size_divisibility: int,
+                 backbone_config: dict[str, Any]):
+        super().__init__()
+        if encoder_type not in ENCODER_TYPES:
+            hint = " ('hiera' is SAM2's own trunk: use sam2's configs)" if encoder_type == "hiera" else ""
+            raise ConfigError(f"unknown encoder_type {encoder_type!r}; expected one of {sorted(ENCODER_TYPES)}"
+                              + hint)
+        if patch_mode not in ("resample", "resize"):
+            raise ConfigError(f"unknown patch_mode {patch_mode!r}; expected 'resample' (patch embedding resampled "
+                              f"to {STRIDE}x{STRIDE}) or 'resize' (input resized by patch/{STRIDE})")
+        self.force_dtype = _parse_dtype(force_dtype)
+        grid = None
+        if img_size is not None:
+            h, w = (int(img_size), int(img_size)) if isinstance(img_size, int) else (int(v) for v in img_size)
+            d = size_divisibility
+            if h % d or w % d:
+                raise ConfigError(f"img_size {(h, w)} must be a multiple of {d} for exact strides "
+                                  f"{self._stride_names(d)}; use e.g. {(h // d * d, w // d * d)}")
+            grid = (h // STRIDE, w // STRIDE)
+        native = None
+        if grid is not None and (isinstance(backbone, Mapping) or (isinstance(backbone, (str, Path))
+                                                                  and str(backbone) in PRESETS)
+                                 or (backbone is None and backbone_config)):
+            cfg = {**dict(backbone), **backbone_config} if isinstance(backbone, Mapping) else backbone_config
+            name = str(backbone) if isinstance(backbone, (str, Path)) else None
+            p = _native_patch(name, cfg)
+            native = (grid[0] * p, grid[1] * p)  # built (or loaded) straight at the target grid
+        vit = build_vit(backbone, pretrained, img_size=native, in_chans=in_chans, **backbone_config)
+        family = vit.config.family
+        if family != "custom" and family not in ENCODER_TYPES[encoder_type]:
+            raise ConfigError(f"encoder_type={encoder_type!r} expects a backbone of family "
+                              f"{' / '.join(ENCODER_TYPES[encoder_type])}, got family {family!r}; pass "
+                              f"encoder_type={self._encoder_for(family)!r} (or 'auto')")
+        if patch_mode == "resample":
+            resample_to_patch(vit, STRIDE)
+        if grid is not None:
+            set_grid(vit, grid)
+        if vit.mask_token is not None:  # never used here: keep it out of the optimiser and DDP's reducer
+            vit.mask_token.requires_grad_(False)
+        self.vit = vit
+        self.encoder_type = encoder_type
+        self.patch_mode = patch_mode
+        self.embed_dim = vit.embed_dim
+        self.in_chans = vit.config.in_chans
+        self.pad = pad
+        self.verbose = verbose
+        self.size_divisibility = size_divisibility
+        self.freeze_vit = freeze_vit
+        self._logged_shape: tuple[int, ...] | None = None
+        if freeze_vit:
+            vit.requires_grad_(False)
+            vit.eval()
+            if self.force_dtype is not None:  # frozen: cast the weights once instead of autocasting every call
+                for p in vit.parameters():  # parameters only: buffers (RoPE periods) stay float32
+                    p.data = p.data.to(self.force_dtype)
+
+    @staticmethod
+    def _stride_names(div: int) -> str:
+        return "/".join(str(s) for s in (4, 8, 16, 32) if s <= div)
+
+    @staticmethod
+    def _encoder_for(family: str) -> str:
+        exact = next((k for k, v in ENCODER_TYPES.items() if v == (family,)), None)
+        return exact or next((k for k, v in ENCODER_TYPES.items() if family in v and k != "auto"), "auto")
+
+    def train(self, mode: bool = True):
+        """As ``nn.Module.train``, but a frozen ViT stays in eval mode (no dropout / drop-path noise)."""
+        super().train(mode)
+        if self.freeze_vit:
+            self.vit.eval()
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the ViT blocks in the backward pass (saves activation memory)."""
+        self.vit.set_grad_checkpointing(enable)
+
+    # ------------------------------------------------------------------------------------ input
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Validate ``x`` [B, C, H, W] and return it (zero-padded bottom/right when ``pad=True``)."""
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise InputError(f"expected an image batch [B, C, H, W], got {shape}")
+        if not x.is_floating_point():
+            raise InputError(f"expected a floating-point image batch, got {x.dtype}; convert with x.float()")
+        B, C, H, W = x.shape
+        if C != self.in_chans:
+            raise InputError(f"the trunk's ViT takes in_chans={self.in_chans} channels, got {C} (input "
+                             f"{tuple(x.shape)}); build the trunk with in_chans={C}"
+                             + (" (RGB weights are folded to 1 channel by summing)" if C == 1 else ""))
+        d = self.size_divisibility
+        if H % d or W % d:
+            if not self.pad:
+                lo, hi = (H // d * d, W // d * d), (-(-H // d) * d, -(-W // d) * d)
+                raise InputError(f"image size {H}x{W} is not a multiple of {d}, so strides "
+                                 f"{self._stride_names(d)} cannot all be exact; crop to {lo[0]}x{lo[1]}, pad to "
+                                 f"{hi[0]}x{hi[1]}, or build the trunk with pad=True (zero-pads bottom/right)")
+            x = F.pad(x, (0, -(-W // d) * d - W, 0, -(-H // d) * d - H))
+        return x
+
+    # -------------------------------------------------------------------------------------- ViT
+    def vit_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The ViT's final-norm patch tokens as a map [B, D, H/16, W/16] in ``x``'s dtype."""
+        B, _, H, W = x.shape
+        in_dtype = x.dtype
+        p = self.vit.patch_size
+        if p != STRIDE:  # patch_mode="resize": H/16 x W/16 tokens from an image resized by p/16
+            size = (H // STRIDE * p, W // STRIDE * p)
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=p < STRIDE)
+        dtype = self.force_dtype
+        ctx: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if dtype is not None:
+            if dtype == torch.float32:  # fp32 ViT even inside an outer autocast region
+                x, ctx = x.float(), torch.autocast(x.device.type, enabled=False)
+            elif next(self.vit.parameters()).dtype == dtype:  # frozen ViT, weights cast once
+                x = x.to(dtype)
+            else:  # trainable ViT: keep fp32 master weights, compute in the low precision
+                ctx = torch.autocast(x.device.type, dtype=dtype)
+        grad = contextlib.nullcontext() if not self.freeze_vit else torch.no_grad()
+        with grad, ctx:
+            tokens = self.vit.forward_features(x)["x_norm_patchtokens"]  # [B, HW, D]
+        gh, gw = H // STRIDE, W // STRIDE
+        fmap = tokens.transpose(1, 2).reshape(B, -1, gh, gw)  # NLC -> NCHW
+        return fmap.to(in_dtype) if dtype is not None else fmap
+
+    def _run(self, x: torch.Tensor, head) -> list[torch.Tensor]:
+        x = self.check_input(x)
+        feats = head(self.vit_features(x))
+        if self.force_dtype is not None:
+            feats = [f.to(x.dtype) for f in feats]
+        if self.verbose and self._logged_shape != tuple(x.shape):
+            self._logged_shape = tuple(x.shape)
+            print(f"[vitkit {type(self).__name__}] input {tuple(x.shape)} -> "
+                  + ", ".join(f"/{s}: {tuple(f.shape)}" for s, f in zip(self.strides, feats)))
+        return feats
+
+
+class RefineBlock(nn.Module):
+    """Residual depthwise-separable refinement: ``x + pw(GELU(LN(dw3x3(x))))``.
+
+    Residual, so the upsampled ViT features pass through unchanged plus a learned correction (a plain
+    dw->pw->norm stack would replace them with the output of a randomly initialised conv).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm = LayerNorm2d(dim, eps=1e-6)
+        self.act = nn.GELU()
+        self.pw = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.pw(self.act(self.norm(self.dw(x))))
+
+
+def _proj(cin: int, cout: int) -> nn.Module:
+    return nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+
+def _up2(cin: int, cout: int, mode: str, pre_norm: bool = False) -> nn.Module:
+    """Exact x2 upsampling: ConvTranspose2d(k2, s2) (ViTDet), or bilinear x2 then a 1x1 projection."""
+    if mode == "deconv":
+        layers = [LayerNorm2d(cin, eps=1e-6), nn.GELU()] if pre_norm else []  # ViTDet's deconv-LN-GELU-deconv
+        return nn.Sequential(*layers, nn.ConvTranspose2d(cin, cout, 2, stride=2))
+    return nn.Sequential(nn.Upsample(scale_factor=2.0, mode="bilinear", align_corners=False), _proj(cin, cout))
+
+
+def _check_mode(upsample_mode: str) -> None:
+    if upsample_mode not in ("bilinear", "deconv"):
+        raise ConfigError(f"unknown upsample_mode {upsample_mode!r}; expected 'bilinear' or 'deconv'")
+
+
+# -------------------------------------------------------------------------------- SAM2 trunk
+class ViTTrunkMultiScale(_ViTPyramid):
+    """A ViT as a SAM2 trunk: four maps at exact strides 4, 8, 16, 32 from the stride-16 token grid.
+
+    ``F16 = proj16(tokens)``, ``F32 = conv3x3_s2(F16)``, ``F8 = refine(up2(F16))``, ``F4 = refine(up2(F8))``,
+    where ``proj16`` is a 1x1 conv (identity when ``C16`` equals the ViT width), ``up2`` a ConvTranspose2d(k2, s2)
+    (``upsample_mode="deconv"``; the second one after LayerNorm2d + GELU, as ViTDet) or bilinear x2 + 1x1
+    conv, and ``refine`` a residual depthwise-separable block (``refine_highres=True``).
+
+    Args:
+        backbone: a vitkit preset name (``"dinov2_vits14_reg"``), a checkpoint (file, HF-style directory or
+            HF model id; its weights are always loaded), a :class:`VisionTransformer` (adapted in place: patch
+            embedding resampled to 16, position table resized to ``img_size``), or a mapping of ViTConfig
+            fields. None: ``pretrained`` is the checkpoint, as in the DINO/JEPA SAM2 fork.
+        pretrained: None/False (random init), True (the preset's official weights) or a checkpoint path,
+            always loaded strictly through vitkit's loader.
+        encoder_type: which backbone families are expected: ``"dino"`` (DINO v1 / DINOv2 / DINOv3),
+            ``"dinov2"``, ``"dinov3"``, ``"ijepa"``, ``"clip"``, ``"vit"``, ``"deit"`` or ``"auto"``. A backbone of
+            another family raises :class:`ConfigError` (explicit ``family="custom"`` configs always pass).
+        out_dims: ``[C32, C16, C8, C4]`` (Hiera's order, lowest resolution first), or one int for all four;
+            None uses the ViT width everywhere.
+        upsample_mode: ``"deconv"`` (learned ConvTranspose2d) or ``"bilinear"`` (bilinear x2 + 1x1 conv).
+        refine_highres: residual depthwise-separable refinement of F8 and F4.
+        freeze_vit: no gradients for the ViT, which also stays in eval mode and runs under ``no_grad``.
+        force_dtype: run the ViT in ``"bf16"`` / ``"fp16"`` / ``"fp32"`` (frozen ViT: weights cast once;
+            trainable ViT: autocast, fp32 master weights). Outputs come back in the input dtype.
+        img_size: the usual input size (a multiple of 32); the position table is stored for its grid.
+        in_chans: input channels (1 for detector images: RGB weights folded by summing).
+        patch_mode: ``"resample"`` (patch embedding resampled to 16) or ``"resize"`` (input resized by p/16).
+        pad: zero-pad inputs whose size is not a multiple of 32 instead of raising.
+        verbose: print the four map shapes for every new input shape.
+        **backbone_config: ViTConfig fields for a preset name or an explicit config (e.g. ``depth=2``).
+
+    ``forward(x [B, C, H, W]) -> [F4, F8, F16, F32]`` with ``F_s`` of shape [B, C_s, H/s, W/s].
+    """
+
+    def __init__(self, backbone: str | Path | VisionTransformer | Mapping[str, Any] | None = None,
+                 pretrained: bool | str | Path | None = None, encoder_type: str = "dino",
+                 out_dims: int | Sequence[int] | None = None, upsample_mode: str = "bilinear",
+                 refine_highres: bool = True, freeze_vit: bool = False,
+                 force_dtype: str | torch.dtype | None = None, img_size: int | Sequence[int] | None = None,
+                 in_chans: int | None = None, patch_mode: str = "resample", pad: bool = False,
+                 verbose: bool = False, **backbone_config: Any):
+        _check_mode(upsample_mode)
+        dims = self._parse_out_dims(out_dims)
+        super().__init__(backbone, pretrained, encoder_type, img_size, in_chans, patch_mode, freeze_vit,
+                         force_dtype, pad, verbose, 32, backbone_config)
+        D = self.embed_dim
+        c32, c16, c8, c4 = dims if dims is not None else [D] * 4
+        self.channel_list = [c32, c16, c8, c4]  # SAM2: lowest resolution first, like Hiera
+        self.strides = [4, 8, 16, 32]  # forward's order: highest resolution first
+        self.out_dims = list(self.channel_list)
+        self.upsample_mode = upsample_mode
+        self.proj16 = _proj(D, c16)
+        self.down32 = nn.Conv2d(c16, c32, 3, stride=2, padding=1)
+        self.up8 = _up2(c16, c8, upsample_mode)
+        self.up4 = _up2(c8, c4, upsample_mode, pre_norm=True)
+        self.refine8 = RefineBlock(c8) if refine_highres else nn.Identity()
+        self.refine4 = RefineBlock(c4) if refine_highres else nn.Identity()
+
+    @staticmethod
+    def _parse_out_dims(out_dims) -> list[int] | None:
+        if out_dims is None:
+            return None
+        if isinstance(out_dims, int):
+            dims = [out_dims] * 4
+        elif isinstance(out_dims, str):
+            raise ConfigError(f"out_dims must be [C32, C16, C8, C4] or one int, got the string {out_dims!r}")
+        else:
+            dims = [int(c) for c in out_dims]
+            if len(dims) != 4:
+                raise ConfigError(f"out_dims must list 4 channel counts [C32, C16, C8, C4] (lowest resolution "
+                                  f"first, as SAM2's backbone_channel_list), got {len(dims)}: {dims}")
+        if any(c <= 0 for c in dims):
+            raise ConfigError(f"out_dims must be positive, got {dims}")
+        return dims
+
+    def pyramid(self, fmap: torch.Tensor) -> list[torch.Tensor]:
+        """Build ``[F4, F8, F16, F32]`` from the ViT map [B, D, h, w]."""
+        f16 = self.proj16(fmap)
+        f32 = self.down32(f16)
+        f8 = self.refine8(self.up8(f16))
+        f4 = self.refine4(self.up4(f8))
+        return [f4, f8, f16, f32]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Args: x [B, C, H, W], H and W multiples of 32 (or ``pad=True``).
+
+        Returns: ``[F4, F8, F16, F32]``, ``F_s`` [B, C_s, H/s, W/s] (SAM2's order, highest resolution first).
+        """
+        return self._run(x, self.pyramid)
+
+    def extra_repr(self) -> str:
+        return (f"encoder_type={self.encoder_type!r}, channel_list={self.channel_list}, "
+                f"upsample_mode={self.upsample_mode!r}, freeze_vit={self.freeze_vit}, "
+                f"force_dtype={self.force_dtype}, patch_mode={self.patch_mode!r}")
+
+
+# ------------------------------------------------------------------------------- ViTDet pyramid
+_SCALES = (4.0, 2.0, 1.0, 0.5)
+
+
+class SimpleFeaturePyramid(_ViTPyramid):
+    """ViTDet's simple feature pyramid: every level straight from the last ViT map (stride 16).
+
+    Per scale: 4 -> ConvT(D, D/2) + LayerNorm2d + GELU + ConvT(D/2, D/4); 2 -> ConvT(D, D/2); 1 -> identity;
+    0.5 -> max-pool 2x2 (``upsample_mode="bilinear"`` replaces the deconvs by bilinear x4 / x2). Each branch
+    then gets a 1x1 conv to ``out_channels`` and a 3x3 conv, each followed by LayerNorm2d (``norm="LN"``; with
+    ``norm=None`` the convs carry biases instead).
+
+    Args:
+        backbone, pretrained, encoder_type, freeze_vit, force_dtype, img_size, in_chans, patch_mode, pad,
+            verbose, **backbone_config: as :class:`ViTTrunkMultiScale`.
+        out_channels: channels of every level.
+        scale_factors: a contiguous run of ``(4.0, 2.0, 1.0, 0.5)`` (each level 2x the next).
+        norm: ``"LN"`` or None.
+        upsample_mode: ``"deconv"`` (ViTDet) or ``"bilinear"``.
+
+    ``forward(x)`` returns the maps highest resolution first; ``channel_list`` is ``[out_channels] * n`` and
+    ``strides`` ``[16 / s for s in scale_factors]``, so it also works as a SAM2 trunk.
+    """
+
+    def __init__(self, backbone: str | Path | VisionTransformer | Mapping[str, Any] | None = None,
+                 pretrained: bool | str | Path | None = None, encoder_type: str = "auto", out_channels: int = 256,
+                 scale_factors: Sequence[float] = _SCALES, norm: str | None = "LN",
+                 upsample_mode: str = "deconv", freeze_vit: bool = False,
+                 force_dtype: str | torch.dtype | None = None, img_size: int | Sequence[int] | None = None,
+                 in_chans: int | None = None, patch_mode: str = "resample", pad: bool = False,
+                 verbose: bool = False, **backbone_config: Any):
+        _check_mode(upsample_mode)
+        scales = sorted({float(s) for s in scale_factors}, reverse=True)
+        if (not scales or any(s not in _SCALES for s in scales) or len(scales) != len(list(scale_factors))
+                or any(a != 2 * b for a, b in zip(scales, scales[1:]))):
+            raise ConfigError(f"scale_factors must be distinct values from {_SCALES}, each 2x the next "
+                              f"(log2-contiguous), got {list(scale_factors)}")
+        if norm not in ("LN", None, ""):
+            raise ConfigError(f"unknown norm {norm!r}; expected 'LN' or None")
+        if int(out_channels) <= 0:
+            raise ConfigError(f"out_channels must be positive, got {out_channels}")
+        div = int(STRIDE / min(scales)) if min(scales) < 1 else STRIDE
+        super().__init__(backbone, pretrained, encoder_type, img_size, in_chans, patch_mode, freeze_vit,
+                         force_dtype, pad, verbose, div, backbone_config)
+        D, C = self.embed_dim, int(out_channels)
+        self.scale_factors = scales
+        self.strides = [int(STRIDE / s) for s in scales]
+        self.channel_list = [C] * len(scales)
+        self.upsample_mode = upsample_mode
+        use_norm = norm == "LN"
+        branches = []
+        for s in scales:
+            layers: list[nn.Module] = []
+            dim = D
+            if s == 4.0 and upsample_mode == "deconv":
+                layers += [nn.ConvTranspose2d(D, D // 2, 2, stride=2), LayerNorm2d(D // 2, eps=1e-6), nn.GELU(),
+                           nn.ConvTranspose2d(D // 2, D // 4, 2, stride=2)]
+                dim = D // 4
+            elif s == 2.0 and upsample_mode == "deconv":
+                layers.append(nn.ConvTranspose2d(D, D // 2, 2, stride=2))
+                dim = D // 2
+            elif s > 1.0:
+                layers.append(nn.Upsample(scale_factor=s, mode="bilinear", align_corners=False))
+            elif s == 0.5:
+                layers.append(nn.MaxPool2d(2, stride=2))
+            layers += [nn.Conv2d(dim, C, 1, bias=not use_norm), LayerNorm2d(C, eps=1e-6) if use_norm else nn.Identity(),
+                       nn.Conv2d(C, C, 3, padding=1, bias=not use_norm),
+                       LayerNorm2d(C, eps=1e-6) if use_norm else nn.Identity()]
+            branches.append(nn.Sequential(*layers))
+        self.branches = nn.ModuleList(branches)
+
+    def pyramid(self, fmap: torch.Tensor) -> list[torch.Tensor]:
+        return [branch(fmap) for branch in self.branches]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Args: x [B, C, H, W], H and W multiples of ``16 / min(scale_factors)`` (or ``pad=True``).
+
+        Returns: one map per scale, highest resolution first, [B, out_channels, H*s/16, W*s/16].
+        """
+        return self._run(x, self.pyramid)
+
+    def extra_repr(self) -> str:
+        return (f"scale_factors={self.scale_factors}, channel_list={self.channel_list}, "
+                f"upsample_mode={self.upsample_mode!r}, freeze_vit={self.freeze_vit}")
+
+
+# ------------------------------------------------------------------------------------ SAM2 glue
+def sam2_image_predictor(sam_model: nn.Module, **kwargs: Any):
+    """A ``sam2.sam2_image_predictor.SAM2ImagePredictor`` that works at any ``image_size``.
+
+    SAM2's predictor hard-codes the feature sizes of 1024-px inputs (``_bb_feat_sizes``, sam2 issue #138);
+    at another ``model.image_size`` it silently reshapes the features wrongly. This sets them from the model's
+    image size and its trunk's strides (4, 8, 16 after SAM2's scalp). ``kwargs`` go to the predictor.
+    """
+    from sam2.sam2_image_predictor import SAM2ImagePredictor  # noqa: PLC0415 - optional dependency
+
+    predictor = SAM2ImagePredictor(sam_model, **kwargs)
+    size = int(sam_model.image_size)
+    encoder = sam_model.image_encoder
+    strides = list(getattr(encoder.trunk, "strides", [4, 8, 16, 32]))
+    strides = strides[:len(strides) - encoder.scalp] if encoder.scalp else strides
+    if any(size % s for s in strides):
+        raise ConfigError(f"image_size {size} is not a multiple of the trunk strides {strides}")
+    predictor._bb_feat_sizes = [(size // s, size // s) for s in strides[:3]]
+    return predictor
+
+
+__all__ = ["ENCODER_TYPES", "RefineBlock", "SimpleFeaturePyramid", "ViTTrunkMultiScale", "build_vit",
+           "resample_to_patch", "sam2_image_predictor", "set_grid"]
