@@ -9,25 +9,33 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
 from vitkit.tasks.transforms import crop_at, instance_normalise, pad_to, polar_center_crop_box
 
 
-class EpochSeededSampler(Sampler[int]):
+class EpochSeededSampler(DistributedSampler):
     """Shuffles with a generator seeded by (seed, epoch) and yields ``epoch * N + index``, so the dataset
-    can seed its augmentation from the index too.
+    can seed its augmentation from the index too. With ``world > 1`` rank ``r`` takes every ``world``-th
+    index of the shuffled order from ``r`` (the tail that does not divide is dropped). Being a
+    ``DistributedSampler`` it is not wrapped by Lightning (whose wrapper would reshuffle by its own epoch).
 
     The epoch is the number of passes already served, kept in ``counter`` (the data module's state,
     saved in checkpoints), not Lightning's ``set_epoch`` value: that one is off by one after resuming
     from an end-of-epoch checkpoint, while this count makes a resumed run replay exactly.
     """
 
-    def __init__(self, n: int, seed: int, counter: dict[str, int], shuffle: bool = True):
-        self.n, self.seed, self.shuffle, self.counter = n, seed, shuffle, counter
+    def __init__(self, n: int, seed: int, counter: dict[str, int], shuffle: bool = True, rank: int = 0,
+                 world: int = 1):
+        super().__init__(range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.n, self.counter = n, counter
 
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.num_replicas
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning's epoch is not used (see above)
+        pass
 
     def __iter__(self) -> Iterator[int]:
         epoch = self.counter["epochs_served"]
@@ -37,6 +45,7 @@ class EpochSeededSampler(Sampler[int]):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
+        order = order[self.rank:len(self) * self.num_replicas:self.num_replicas]
         return iter(epoch * self.n + i for i in order)
 
 
@@ -117,7 +126,8 @@ class PeakDataModule(L.LightningDataModule):
         self.val_set = CropDataset(val, crop, None, seed) if val is not None else None
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochSeededSampler(len(self.train_set), self.kw["seed"], self.progress)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        sampler = EpochSeededSampler(len(self.train_set), self.kw["seed"], self.progress, rank=rank, world=world)
         # own generators: creating loader iterators must not draw from the global RNG, whose state the
         # checkpoints carry (else a validation run between checkpoint and next epoch breaks exact resume)
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -16,25 +17,31 @@ MODEL_CONFIG_KEY = "vitkit_model_config"
 
 # ---------------------------------------------------------------------------------------- config
 def compose(overrides: list[str] | None = None, config_name: str = "train"):
-    """The packaged Hydra config with command-line style overrides (``key=value``, ``group=option``)."""
+    """The packaged Hydra config with command-line style overrides (``key=value``, ``group=option``).
+    Another Hydra context that is open (e.g. sam2's, opened on import) is restored afterwards."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
 
+    backup = get_gh_backup()
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="vitkit.configs", version_base=None):
-        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    try:
+        with initialize_config_module(config_module="vitkit.configs", version_base=None):
+            return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    finally:
+        restore_gh_from_backup(backup)
 
 
-def build_strategy(strategy: Any):
-    """``"fsdp"`` -> Lightning FSDPStrategy wrapping and checkpointing vitkit's Block; others unchanged."""
+def build_strategy(strategy: Any, options: dict | None = None):
+    """``"fsdp"`` -> :class:`FSDP2Strategy` (FSDP2 units on vitkit's Block, sharded checkpoints; CPU
+    and GPU) with ``options``; any other Lightning strategy name passes through unchanged."""
     if strategy == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
+        from vitkit.tasks.train.distributed import FSDP2Strategy
 
-        from vitkit.layers.block import Block
-
-        return FSDPStrategy(auto_wrap_policy={Block}, activation_checkpointing_policy={Block},
-                            state_dict_type="sharded")
+        return FSDP2Strategy(**(options or {}))
+    if options:
+        raise ValueError(f"strategy_options {sorted(options)} are only for strategy=fsdp, not {strategy!r}")
     return strategy
 
 
@@ -50,12 +57,17 @@ def load_model(checkpoint: str | Path):
         return vitkit.from_pretrained(path / "model")
     if path.is_dir() and (path / "config.json").exists():
         return vitkit.from_pretrained(path)
-    if path.is_dir():
+    from vitkit.tasks.train.distributed import is_sharded_checkpoint, load_full_state_dict
+
+    if path.is_dir() and not is_sharded_checkpoint(path):
         path = path / "checkpoints" / "last.ckpt"
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {checkpoint}: pass a run directory, a .ckpt file or a "
                                 f"model directory written by vitkit")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if is_sharded_checkpoint(path):  # FSDP: a directory of shards
+        ckpt = load_full_state_dict(path)
+    else:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if MODEL_CONFIG_KEY not in ckpt:
         raise vitkit.CheckpointError(f"{path} was not written by `vitkit train` (no {MODEL_CONFIG_KEY})")
     cfg = dict(ckpt[MODEL_CONFIG_KEY])
@@ -181,35 +193,56 @@ def train(cfg) -> Path:
     data = PeakDataModule(**OmegaConf.to_container(cfg.data, resolve=True))
 
     class Provenance(Callback):
-        """Store the model config and the RNG states in every checkpoint (exact resume)."""
+        """Store the model config and every rank's RNG states in each checkpoint (exact resume; ranks
+        draw different amounts of randomness, e.g. the loss's point sampling depends on the data)."""
 
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
             checkpoint[MODEL_CONFIG_KEY] = model_cfg
-            checkpoint["vitkit_rng"] = {"torch": torch.get_rng_state(),
-                                        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+            state = {"torch": torch.get_rng_state(),
+                     "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+            states = [state]
+            if trainer.world_size > 1:  # collective: every rank saves (rank 0 writes the metadata)
+                states = [None] * trainer.world_size
+                torch.distributed.all_gather_object(states, state)
+            checkpoint["vitkit_rng"] = states
 
         def on_load_checkpoint(self, trainer, pl_module, checkpoint):
-            rng = checkpoint.get("vitkit_rng")
-            if rng is not None:
-                torch.set_rng_state(rng["torch"])
-                state = list(np.random.get_state())
-                state[1] = rng["numpy"].numpy().astype(np.uint32)
-                np.random.set_state(tuple(state))
+            states = checkpoint.get("vitkit_rng")
+            if not states:
+                return
+            if len(states) != trainer.world_size:
+                import warnings
+
+                warnings.warn(f"checkpoint has RNG states of {len(states)} ranks, resuming on "
+                              f"{trainer.world_size}: the run continues but is not bit-identical", stacklevel=1)
+            rng = states[trainer.global_rank % len(states)]
+            torch.set_rng_state(rng["torch"])
+            state = list(np.random.get_state())
+            state[1] = rng["numpy"].numpy().astype(np.uint32)
+            np.random.set_state(tuple(state))
 
     class AtomicCheckpoint(ModelCheckpoint):
         """Checkpoints are written to a temporary file and renamed: a kill never leaves half a file."""
 
         def _save_checkpoint(self, trainer, filepath):
-            if trainer.strategy.__class__.__name__.startswith("FSDP") or not trainer.is_global_zero:
-                return super()._save_checkpoint(trainer, filepath)  # sharded / collective saves
             tmp = f"{filepath}.tmp"
-            trainer.save_checkpoint(tmp, self.save_weights_only)
-            os.replace(tmp, filepath)
+            trainer.save_checkpoint(tmp, self.save_weights_only)  # collective; ends with a barrier
+            if trainer.is_global_zero:
+                if os.path.isdir(tmp):  # sharded: swap whole directories
+                    old = f"{filepath}.old"
+                    if os.path.exists(filepath):
+                        os.replace(filepath, old)
+                    os.replace(tmp, filepath)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, filepath)
+            trainer.strategy.barrier("vitkit.AtomicCheckpoint")
             self._last_global_step_saved = trainer.global_step
             self._last_checkpoint_saved = filepath
 
     trainer_kw = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_kw["strategy"] = build_strategy(trainer_kw.get("strategy", "auto"))
+    options = trainer_kw.pop("strategy_options", None)
+    trainer_kw["strategy"] = build_strategy(trainer_kw.get("strategy", "auto"), options)
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
         Provenance(),
@@ -220,6 +253,15 @@ def train(cfg) -> Path:
     trainer = L.Trainer(default_root_dir=str(run_dir), logger=CSVLogger(str(run_dir), name="logs", version=""),
                         callbacks=callbacks, deterministic=True, **trainer_kw)
     trainer.fit(module, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):  # gather the shards (collective), continue with a plain model
+        from vitkit.tasks.train.distributed import full_state_dict
+
+        state = full_state_dict(model)
+        if trainer.is_global_zero:
+            model = instantiate({**model_cfg, "pretrained": False})
+            model.load_state_dict(state, strict=True)
     if not trainer.is_global_zero:
         return run_dir
     plot_curves(run_dir / "logs" / "metrics.csv", run_dir / "curves.png")

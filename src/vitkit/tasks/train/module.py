@@ -56,6 +56,13 @@ class SegmentationModule(L.LightningModule):
     def forward(self, x: torch.Tensor):
         return self.model(x)
 
+    def configure_model(self) -> None:
+        """Shard the model when training with :class:`~vitkit.tasks.train.distributed.FSDP2Strategy`."""
+        from vitkit.tasks.train.distributed import FSDP2Strategy
+
+        if isinstance(self.trainer.strategy, FSDP2Strategy):
+            self.trainer.strategy.shard(self.model)
+
     def _annealing(self) -> MaskAnnealing:
         if self.annealing is None:
             end = self.hparams.anneal_end
