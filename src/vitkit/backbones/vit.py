@@ -148,6 +148,9 @@ class VisionTransformer(nn.Module):
         pad_h, pad_w = grid[0] * self.patch_size - x.shape[2], grid[1] * self.patch_size - x.shape[3]
         if pad_h or pad_w:  # dynamic_pad: zero-pad bottom/right
             x = F.pad(x, (0, pad_w, 0, pad_h))
+        w = self.patch_embed.proj.weight
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(w.dtype)  # a model cast for low-precision inference takes fp32 images
         x = self.patch_embed(x)
         if masks is not None:
             if self.mask_token is None:
