@@ -36,6 +36,7 @@ _LAZY = {
     "SimpleFeaturePyramid": "vitkit.models.trunk",
     "Aggregator": "vitkit.models.aggregator",
     "dinov3_vits16": "vitkit.backbones.hub_functions",
+    "dinov3_vits16plus": "vitkit.backbones.hub_functions",
     "dinov3_vitb16": "vitkit.backbones.hub_functions",
     "dinov3_vitl16": "vitkit.backbones.hub_functions",
     "dinov3_vitl16plus": "vitkit.backbones.hub_functions",
