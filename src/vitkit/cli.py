@@ -140,6 +140,23 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stream(args: argparse.Namespace) -> int:
+    from vitkit.infer.config import load_stream_config
+
+    cfg = load_stream_config(args.config, args.overrides)  # config errors do not need Ray
+    from vitkit.infer.ray import run_stream
+
+    s = run_stream(cfg)
+    lat = s["latency_s"]
+    ob = s["object_store_bytes"]
+    print(f"{s['frames_written']} frames, {s['peaks']} peaks, {s['frames_per_s']:.2f} frames/s, latency p50 "
+          f"{(lat['p50'] or 0):.3f} s p95 {(lat['p95'] or 0):.3f} s, {s['actor_restarts']} actor restarts, "
+          f"{len(s['rerun_batches'])} re-run batches, {ob['results_per_frame']:.0f} result bytes/frame "
+          f"-> {s['output']}, {s['stats_file']}")
+    print(Path(s["output"]).parent)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--radius", type=float, default=2.0, help="peak matching radius in pixels")
             p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("stream", help="streaming peak finding on Ray (source -> model actors -> peak tasks -> CXI); "
+                                      "reports frames/s, latency and queue depths; prints the output folder last")
+    p.add_argument("config", help="packaged stream config name (default) or a YAML file")
+    p.add_argument("overrides", nargs="*", help="overrides, e.g. model.checkpoint=runs/x source.kind=files "
+                                                "source.path=data.zarr model.num_actors=2")
+    p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("synth", help="write synthetic diffraction frames (zarr, PeakNet layout)")
     p.add_argument("out", help="output .zarr store")

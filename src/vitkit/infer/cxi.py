@@ -1,0 +1,211 @@
+"""A CXI writer for streams: peak lists arrive in any order, rows are written in frame-index order.
+
+:class:`OrderedCXIWriter` holds early arrivals in a reorder buffer and appends the longest run of consecutive
+frame indices to resizable HDF5 datasets as soon as it is complete. A frame index that was already written (or
+is already waiting) is dropped and counted as a duplicate, so a re-run batch or a producer sending a frame twice
+never duplicates a row. The file is written under a hidden temporary name next to the target and renamed onto
+it by :meth:`~OrderedCXIWriter.close` (atomic, like :func:`vitkit.apps.peaks.io.write_cxi`); :meth:`abort`
+removes it.
+
+The layout is :func:`~vitkit.apps.peaks.io.write_cxi`'s (``/entry_1/result_1/nPeaks``, ``peakXPosRaw``,
+``peakYPosRaw``, ``peakTotalIntensity``, ``cxi_version`` 150), read back by
+:func:`~vitkit.apps.peaks.io.read_cxi_peaks`, plus ``/entry_1/result_1/frameIndex`` (int64): the source
+index of each row.
+
+Gaps: if a frame index never arrives (a producer dropped an event), the consecutive run cannot grow. The
+pipeline calls :meth:`~OrderedCXIWriter.flush_gap` when everything in flight sits in the reorder buffer: the
+buffered rows are written in index order and the missing indices are recorded as skipped; one that turns up
+later is appended at the end (counted as ``late``) rather than lost.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Hashable
+from pathlib import Path
+
+import numpy as np
+
+from vitkit.apps.peaks.io import CXI_RESULT
+from vitkit.errors import InputError
+
+__all__ = ["OrderedCXIWriter"]
+
+
+def _rows(peaks, max_peaks: int) -> np.ndarray:
+    a = np.asarray(peaks, dtype=np.float64)
+    if a.size == 0:
+        return np.zeros((0, 3))
+    if a.ndim != 2 or a.shape[1] not in (2, 3):
+        raise InputError(f"OrderedCXIWriter: expected peaks [n, 3] (y, x, intensity) or [n, 2], found {a.shape}.")
+    if a.shape[1] == 2:
+        a = np.concatenate([a, np.zeros((len(a), 1))], axis=1)
+    if len(a) > max_peaks:  # the brightest, in their original order (as write_cxi)
+        a = a[np.sort(np.argsort(-a[:, 2], kind="stable")[:max_peaks])]
+    return a
+
+
+class OrderedCXIWriter:
+    """Write peak lists to ``path`` in frame-index order; see the module docstring.
+
+    Args:
+        path: the CXI file to create (replaced if it exists, at :meth:`close`).
+        max_peaks: width of the peak arrays (CrystFEL's ``max_num_peak``).
+        start_index: the first frame index of the run.
+        chunk_rows: HDF5 chunk height of the row datasets.
+        flush_every_s: ``h5py.File.flush`` period while streaming.
+    """
+
+    def __init__(self, path: str | os.PathLike, max_peaks: int = 2048, start_index: int = 0, chunk_rows: int = 64,
+                 flush_every_s: float = 5.0):
+        import h5py
+
+        if max_peaks < 1:
+            raise InputError(f"OrderedCXIWriter: expected max_peaks >= 1, found {max_peaks}.")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.max_peaks = int(max_peaks)
+        self.next_index = int(start_index)
+        self.flush_every_s = flush_every_s
+        self._last_flush = time.monotonic()
+        self._buf: dict[int, tuple[Hashable, np.ndarray]] = {}
+        self._skipped: list[tuple[int, int]] = []  # [lo, hi) ranges given up by flush_gap
+        self._late: set[int] = set()
+        self.rows = 0
+        self.peaks = 0
+        self.duplicates = 0
+        self.late = 0
+        self.gaps = 0
+        self.max_buffered = 0
+        self._f = h5py.File(self.tmp, "w")
+        try:
+            self._f.create_dataset("cxi_version", data=np.int32(150))
+            r = self._f.require_group(CXI_RESULT)
+            r.attrs["coordinates"] = "pixel centres at integer (y=slow scan, x=fast scan); NumPy convention"
+            c = max(1, int(chunk_rows))
+            self._d = {
+                "nPeaks": r.create_dataset("nPeaks", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(c * 16,)),
+                "frameIndex": r.create_dataset("frameIndex", shape=(0,), maxshape=(None,), dtype=np.int64,
+                                               chunks=(c * 16,)),
+            }
+            for name in ("peakXPosRaw", "peakYPosRaw", "peakTotalIntensity"):
+                self._d[name] = r.create_dataset(name, shape=(0, self.max_peaks), maxshape=(None, self.max_peaks),
+                                                 dtype=np.float32, chunks=(c, self.max_peaks))
+        except BaseException:
+            self.abort()
+            raise
+
+    # ------------------------------------------------------------------------------------------- state
+    @property
+    def buffered(self) -> int:
+        """Rows waiting in the reorder buffer."""
+        return len(self._buf)
+
+    def _was_skipped(self, i: int) -> bool:
+        return any(lo <= i < hi for lo, hi in self._skipped)
+
+    # ------------------------------------------------------------------------------------------- write
+    def _append(self, items: list[tuple[int, np.ndarray]]) -> None:
+        if not items:
+            return
+        k = len(items)
+        n0 = self.rows
+        npk = np.zeros(k, dtype=np.int32)
+        idx = np.zeros(k, dtype=np.int64)
+        arr = np.zeros((3, k, self.max_peaks), dtype=np.float32)  # y, x, intensity
+        for j, (i, a) in enumerate(items):
+            m = len(a)
+            npk[j], idx[j] = m, i
+            arr[:, j, :m] = a.T
+        for d in self._d.values():
+            d.resize(n0 + k, axis=0)
+        self._d["nPeaks"][n0:] = npk
+        self._d["frameIndex"][n0:] = idx
+        self._d["peakYPosRaw"][n0:] = arr[0]
+        self._d["peakXPosRaw"][n0:] = arr[1]
+        self._d["peakTotalIntensity"][n0:] = arr[2]
+        self.rows += k
+        self.peaks += int(npk.sum())
+        now = time.monotonic()
+        if now - self._last_flush >= self.flush_every_s:
+            self._f.flush()
+            self._last_flush = now
+
+    def add(self, items) -> tuple[list, list]:
+        """Add ``(index, key, peaks)`` triples; ``key`` is any label the caller wants back.
+
+        Returns ``(written, dropped)``: the keys whose rows went to the file in this call (in row order) and the
+        keys dropped as duplicates. Rows still in the reorder buffer are in neither list yet.
+        """
+        dropped, late = [], []
+        for index, key, peaks in items:
+            i = int(index)
+            a = _rows(peaks, self.max_peaks)
+            if i in self._buf:
+                self.duplicates += 1
+                dropped.append(key)
+            elif i >= self.next_index:
+                self._buf[i] = (key, a)
+            elif self._was_skipped(i) and i not in self._late:
+                self._late.add(i)
+                self.late += 1
+                late.append((i, key, a))
+            else:
+                self.duplicates += 1
+                dropped.append(key)
+        self.max_buffered = max(self.max_buffered, len(self._buf))
+        run = []
+        while self.next_index in self._buf:
+            key, a = self._buf.pop(self.next_index)
+            run.append((self.next_index, key, a))
+            self.next_index += 1
+        out = late + run
+        self._append([(i, a) for i, _, a in out])
+        return [k for _, k, _ in out], dropped
+
+    def flush_gap(self) -> list:
+        """Write every buffered row in index order, giving up on the missing indices below them."""
+        if not self._buf:
+            return []
+        order = sorted(self._buf)
+        prev = self.next_index
+        for i in order:
+            if i > prev:
+                self._skipped.append((prev, i))
+                self.gaps += 1
+            prev = i + 1
+        items = [(i, *self._buf.pop(i)) for i in order]
+        self.next_index = order[-1] + 1
+        self._append([(i, a) for i, _, a in items])
+        return [k for _, k, _ in items]
+
+    def close(self) -> Path:
+        """Write what is buffered (in index order), then move the file onto ``path``. Returns the path."""
+        self.flush_gap()
+        self._f.flush()
+        self._f.close()
+        fd = os.open(self.tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Close and delete the temporary file; the target is left as it was."""
+        try:
+            self._f.close()
+        except Exception:  # noqa: BLE001 - already closed / never opened
+            pass
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+    def summary(self) -> dict:
+        return {"rows": self.rows, "peaks": self.peaks, "duplicates_dropped": self.duplicates, "gaps": self.gaps,
+                "late_rows": self.late, "max_reorder_buffer": self.max_buffered, "buffered": self.buffered}

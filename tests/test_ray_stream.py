@@ -1,0 +1,366 @@
+"""Streaming inference on Ray (`vitkit stream`, vitkit.infer): output equal to `vitkit predict`, ordering and
+dedupe, bounded frames in flight, actor death and restart, queue sources with several producers, clean
+shutdown, helpful errors, and vitkit without Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from vitkit.apps.peaks.io import read_cxi_peaks, write_cxi, write_zarr
+from vitkit.apps.peaks.synthetic import SynthConfig, SyntheticPeakDataset
+from vitkit.errors import ConfigError
+from vitkit.infer.config import load_stream_config
+from vitkit.infer.cxi import OrderedCXIWriter
+from vitkit.infer.stages import FileStream, pack_masks, unpack_masks
+
+# a tiny EoMT trained for a few steps finds real peaks on 64 x 64 windows (F1 ~0.7 on held-out frames)
+TRAIN = ["trainer.max_steps=16", "module.lr=1e-2", "module.warmup_steps=2", "model.embed_dim=32", "model.depth=2",
+         "model.num_q=4", "data.num_train=64", "data.num_val=2", "data.num_test=0", "data.frame_shape=[64,64]",
+         "trainer.val_check_interval=16", "predict.overlays=0"]
+N, SHAPE, SEED = 64, (64, 96), 7  # 96 wide: two overlapping 64 x 64 windows per frame
+# 2 Ray CPUs: two actors at 0.5 + two peak tasks at 0.5
+RES = ["model.num_cpus=0.5", "peaks.num_cpus=0.5", "peaks.workers=2", "report_every_s=0"]
+
+
+def run_cli(*args: str, timeout: float = 300, pre: str = "pass") -> subprocess.CompletedProcess:
+    code = f"import sys; {pre}; from vitkit.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+# ------------------------------------------------------------------------------------------ no Ray needed
+def test_ordered_writer_orders_dedupes_and_survives_gaps(tmp_path):
+    rng = np.random.default_rng(0)
+    peaks = [rng.uniform(0, 50, size=(k, 3)) for k in (3, 0, 5, 2, 4, 1)]
+    w = OrderedCXIWriter(tmp_path / "a.cxi", max_peaks=4, flush_every_s=0)
+    assert w.add([(2, "c", peaks[2]), (1, "b", peaks[1])]) == ([], [])  # waits for frame 0
+    assert w.add([(0, "a", peaks[0]), (1, "b2", peaks[1])]) == (["a", "b", "c"], ["b2"])  # 1 again: duplicate
+    assert w.add([(0, "a2", peaks[0])]) == ([], ["a2"])  # already written: duplicate
+    assert w.add([(5, "f", peaks[5])]) == ([], [])  # 3 and 4 missing
+    assert w.flush_gap() == ["f"]  # give up on 3, 4
+    assert w.add([(4, "e", peaks[4]), (6, "g", peaks[0])]) == (["e", "g"], [])  # 4 late; 6 next in order
+    assert w.add([(4, "e2", peaks[4])]) == ([], ["e2"])
+    assert not (tmp_path / "a.cxi").exists()  # atomic: only at close
+    w.close()
+    assert w.summary()["duplicates_dropped"] == 3 and w.gaps == 1 and w.late == 1
+    with h5py.File(tmp_path / "a.cxi") as f:
+        assert list(f["/entry_1/result_1/frameIndex"][()]) == [0, 1, 2, 5, 4, 6]
+        assert f["cxi_version"][()] == 150
+    # same layout and values as the batch writer (max_peaks: the brightest, in order)
+    write_cxi(tmp_path / "b.cxi", [peaks[i] for i in (0, 1, 2, 5, 4, 0)], max_peaks=4)
+    a, b = read_cxi_peaks(tmp_path / "a.cxi"), read_cxi_peaks(tmp_path / "b.cxi")
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)) and len(a) == 6 and len(a[4]) == 4
+
+    w = OrderedCXIWriter(tmp_path / "c.cxi")
+    w.add([(0, 0, peaks[0])])
+    w.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.cxi", "b.cxi"]  # no c.cxi, no temporary file
+
+
+def test_masks_pack_to_one_bit_per_pixel_and_back():
+    m = np.random.default_rng(1).random((3, 17, 21)) > 0.7
+    packed = pack_masks(m)
+    assert packed.dtype == np.uint8 and packed.shape == (3, 17, 3)
+    assert np.array_equal(unpack_masks(packed, 21), m)
+    assert np.array_equal(unpack_masks(pack_masks(m, "uint8"), 21, "uint8"), m)
+
+
+def test_file_source_reads_hdf5_in_order(tmp_path):
+    x = np.random.default_rng(2).random((5, 20, 24)).astype(np.float32)
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f["/entry_1/data_1/data"] = x
+    src = FileStream(str(tmp_path / "f.h5"))
+    got = src.poll(3) + src.poll(10)
+    assert [i for i, _ in got] == [0, 1, 2, 3, 4] and src.exhausted
+    assert all(np.array_equal(f, x[i]) for i, f in got)
+
+
+def test_config_errors_name_the_key_and_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match="Did you mean 'model.batch_size'"):
+        load_stream_config("default", ["model.checkpoint=x", "model.batchsize=4"])
+    with pytest.raises(ConfigError, match="model.checkpoint is required"):
+        load_stream_config("default", [])
+    with pytest.raises(ConfigError, match="max_frames_in_flight .* must be >= model.batch_size"):
+        load_stream_config("default", ["model.checkpoint=x", "max_frames_in_flight=2", "model.batch_size=4"])
+    with pytest.raises(ConfigError, match="'model.num_actors'"):
+        load_stream_config("default", ["model.checkpoint=x", "model.num_actors=two"])
+    (tmp_path / "mine.yaml").write_text("model:\n  checkpoint: x\n  nactors: 2\n")
+    with pytest.raises(ConfigError, match="unknown key 'model.nactors'.*'model.num_actors'"):
+        load_stream_config(tmp_path / "mine.yaml")
+    (tmp_path / "ok.yaml").write_text("model:\n  checkpoint: x\n  num_actors: 3\nsource:\n  kind: files\n"
+                                      "  path: a.zarr\n")
+    cfg = load_stream_config(str(tmp_path / "ok.yaml"), ["model.batch_size=2"])
+    assert (cfg.model.num_actors, cfg.model.batch_size, cfg.source.path, cfg.peaks.workers) == (3, 2, "a.zarr", 2)
+
+
+def test_vitkit_works_without_ray_and_stream_says_how_to_get_it():
+    hide = "sys.modules['ray'] = None"  # any `import ray` now raises ImportError
+    check = ("import sys\n"
+             "import vitkit, vitkit.infer, vitkit.infer.config, vitkit.infer.stages, vitkit.infer.cxi, vitkit.cli\n"
+             "assert 'ray' not in sys.modules, 'vitkit imported ray'\n"
+             f"{hide}\n"
+             "try:\n    import vitkit.infer.ray\nexcept vitkit.infer.RayNotInstalledError as e:\n    print(e)\n"
+             "else:\n    raise SystemExit('no error')\n")
+    res = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert 'pip install "vitkit[ray]"' in res.stdout
+    res = run_cli("stream", "default", "model.checkpoint=x", pre=hide)
+    assert res.returncode == 2 and 'pip install "vitkit[ray]"' in res.stderr, res.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------ Ray
+try:
+    import ray
+except ImportError:  # the tests below skip through the ray_local fixture
+    ray = None
+
+
+@pytest.fixture(scope="module")
+def model_run(tmp_path_factory):
+    pytest.importorskip("ray")
+    run = tmp_path_factory.mktemp("stream_model") / "run"
+    res = subprocess.run([sys.executable, "-m", "vitkit.cli", "train", f"run_dir={run}", *TRAIN],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(model_run, tmp_path_factory):
+    """What `vitkit predict` writes for the synthetic frames."""
+    from vitkit.apps.peaks.job import load_model, predict
+
+    out = tmp_path_factory.mktemp("predict")
+    frames = SyntheticPeakDataset(N, SynthConfig(shape=SHAPE), seed=SEED)
+    predict(load_model(model_run), frames, out, overlays=0, progress=False)
+    peaks = read_cxi_peaks(out / "peaks.cxi")
+    assert sum(len(p) for p in peaks) > 150, "the model should find peaks for the comparison to mean something"
+    return peaks
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="vitkit-stream-test")
+    yield
+    if started:
+        ray.shutdown()
+
+
+def stream_cfg(run, out, *extra):
+    return load_stream_config("default", [f"model.checkpoint={run}", f"output.dir={out}", f"source.num_frames={N}",
+                                          f"source.shape=[{SHAPE[0]},{SHAPE[1]}]", f"source.seed={SEED}", *RES,
+                                          *extra])
+
+
+def assert_same_peaks(summary, expected):
+    got = read_cxi_peaks(summary["output"])
+    assert len(got) == len(expected)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert np.array_equal(g, e), f"frame {i}: stream {g.tolist()} != predict {e.tolist()}"
+    with h5py.File(summary["output"]) as f:  # one row per frame, in frame order: nothing lost or doubled
+        assert np.array_equal(f["/entry_1/result_1/frameIndex"][()], np.arange(len(expected)))
+
+
+def assert_shut_down(summary, timeout=20.0):
+    """Every actor of the run is gone and its resources are back; Ray itself is still up (not ours)."""
+    pids = [p for a in summary["actors"] for p in a["pids"]]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        alive = []
+        for p in pids:
+            try:
+                os.kill(p, 0)
+                alive.append(p)
+            except ProcessLookupError:
+                pass
+        if not alive and ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]:
+            break
+        time.sleep(0.2)
+    assert not alive, f"actor processes {alive} still alive after the run"
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+    assert ray.is_initialized() and summary["ray_started_by_pipeline"] is False
+
+
+def test_stream_equals_predict_with_two_actors_and_a_frame_cap(model_run, reference, ray_local, tmp_path):
+    from vitkit.infer.ray import run_stream
+
+    cap = 12
+    s = run_stream(stream_cfg(model_run, tmp_path, "model.num_actors=2", "model.batch_size=4",
+                              f"max_frames_in_flight={cap}"), log=None)
+    assert_same_peaks(s, reference)
+    assert s["frames_written"] == s["rows"] == N and s["peaks"] == sum(len(p) for p in reference)
+    assert all(a["batches"] > 0 for a in s["actors"]), s["actors"]  # both actors worked
+    # backpressure: the cap is reached (the source is faster than the model) and never exceeded
+    assert s["max_frames_in_flight_seen"] == cap
+    assert s["max_queue_depths"]["batches_per_actor"] <= 2 and s["max_queue_depths"]["peak_tasks"] <= 2
+    assert s["max_reorder_buffer"] <= cap
+    assert 0 < s["latency_s"]["p50"] <= s["latency_s"]["p95"] and s["frames_per_s"] > 0
+    # compact results: bit-packed masks + peak lists, far below float32 logits [2, H, W]
+    ob = s["object_store_bytes"]
+    assert ob["float32_logits_per_frame"] == 2 * SHAPE[0] * SHAPE[1] * 4
+    assert ob["masks"] == N * SHAPE[0] * SHAPE[1] // 8
+    assert ob["results_per_frame"] < ob["float32_logits_per_frame"] / 16
+    on_disk = json.loads((tmp_path / "stream_stats.json").read_text())
+    assert on_disk["frames_written"] == N and on_disk["output"] == s["output"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peaks.cxi", "stream_stats.json"]  # no temp files
+    assert_shut_down(s)
+
+
+def test_killed_actor_restarts_and_its_batches_rerun_without_loss_or_duplicates(model_run, reference, ray_local,
+                                                                              tmp_path):
+    """The process of one of two actors is killed (SIGKILL) with a batch in flight; its batches go to the other
+    actor, it is restarted by Ray and works again. (ray.kill of the only actor: the CLI test below.)"""
+    from vitkit.infer.ray import run_stream
+
+    s = run_stream(stream_cfg(model_run, tmp_path, "model.num_actors=2", "model.batch_size=4",
+                              "max_frames_in_flight=16", "fault.kill_actor_after_batches=2",
+                              "fault.kill_mode=sigkill"), log=None)
+    assert_same_peaks(s, reference)
+    f = s["fault_injected"]
+    assert f is not None and f["mode"] == "sigkill" and f["batches_in_flight"]
+    assert s["actor_deaths"] == 1 and s["actor_restarts"] == 1
+    assert set(f["batches_in_flight"]) <= set(s["rerun_batches"])  # what the dead actor held was re-run
+    killed = s["actors"][f["actor"]]
+    assert killed["deaths"] == 1 and len(killed["pids"]) == 2 and killed["state"] == "alive"
+    assert s["rows"] == N and s["duplicates_dropped"] == 0
+    assert_shut_down(s)
+
+
+def test_queue_source_with_two_producers_their_sentinels_and_a_duplicate(model_run, reference, ray_local, tmp_path):
+    from ray.util.queue import Queue
+
+    from vitkit.infer.ray import run_stream
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # producers defined in this test module
+
+    @ray.remote(num_cpus=0)
+    def producer(q, items):
+        for item in items:
+            q.put(item)  # blocks while the queue is full: backpressure from the pipeline
+        q.put(None)  # this producer's end of stream
+        return len(items)
+
+    n = 16
+    ds = SyntheticPeakDataset(N, SynthConfig(shape=SHAPE), seed=SEED)
+    frames = [ds[i]["image"].numpy()[0] for i in range(n)]
+    q = Queue(maxsize=4, actor_options={"name": "vitkit-test-frames"})  # found by name, as `vitkit stream` does
+    evens = [{"index": i, "image": frames[i]} for i in range(0, n, 2)]
+    odds = [(i, frames[i]) for i in range(1, n, 2)] + [(5, frames[5])]  # frame 5 sent twice
+    jobs = [producer.remote(q, evens), producer.remote(q, odds)]
+    cfg = load_stream_config("default", [f"model.checkpoint={model_run}", f"output.dir={tmp_path}", *RES,
+                                         "source.kind=queue", "source.queue_name=vitkit-test-frames",
+                                         "source.num_producers=2", "model.num_actors=1", "model.batch_size=2",
+                                         "max_frames_in_flight=6"])
+    s = run_stream(cfg, log=None)
+    assert ray.get(jobs) == [8, 9]
+    assert_same_peaks(s, reference[:n])
+    assert s["frames_read"] == n + 1 and s["duplicates_dropped"] == 1 and s["max_frames_in_flight_seen"] <= 6
+    q.shutdown()
+    assert_shut_down(s)
+
+
+def test_a_bad_item_midway_ends_the_run_with_its_error_and_cleans_up(model_run, reference, ray_local, tmp_path):
+    from ray.util.queue import Queue
+
+    from vitkit.errors import InputError
+    from vitkit.infer.ray import run_stream
+
+    ds = SyntheticPeakDataset(N, SynthConfig(shape=SHAPE), seed=SEED)
+    q = Queue()
+    for i in range(4):
+        q.put((i, ds[i]["image"].numpy()[0]))
+    q.put(ds[4]["image"].numpy()[0])  # no index after indexed items
+    cfg = load_stream_config("default", [f"model.checkpoint={model_run}", f"output.dir={tmp_path}", *RES,
+                                         "source.kind=queue", "model.batch_size=2", "max_frames_in_flight=4"])
+    with pytest.raises(InputError, match="some items carry a frame index and some do not"):
+        run_stream(cfg, queue=q, log=None)
+    q.shutdown()
+    deadline = time.time() + 20
+    while time.time() < deadline and ray.available_resources().get("CPU") != 2:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU") == 2  # the actor is gone
+    assert list(tmp_path.iterdir()) == []  # no CXI, no temporary file
+
+
+def test_mask_predictor_is_predict_masks_and_bf16_stays_close(model_run):
+    import torch
+
+    from vitkit.apps.peaks.job import load_model, predict_masks
+    from vitkit.infer.stages import MaskPredictor
+
+    ds = SyntheticPeakDataset(N, SynthConfig(shape=SHAPE), seed=SEED)
+    frames = np.stack([ds[i]["image"].numpy()[0] for i in range(3)])
+    ref = np.stack([m for _, m in predict_masks(load_model(model_run), frames, progress=False)])
+    assert ref.sum() > 20
+    assert np.array_equal(MaskPredictor(model_run)(frames), ref)
+    bf16 = MaskPredictor(model_run, bf16=True)
+    assert bf16.model.encoder.blocks[0].attn.qkv.weight.dtype == torch.bfloat16  # cast once, not autocast
+    bf16 = bf16(frames)
+    assert (bf16 & ref).sum() / (bf16 | ref).sum() > 0.8  # IoU with the fp32 masks
+
+
+def test_missing_inputs_and_resources_fail_before_any_actor_starts(model_run, ray_local, tmp_path):
+    from vitkit.apps.peaks.io import FramesNotFoundError
+    from vitkit.infer import StreamError
+    from vitkit.infer.ray import run_stream
+
+    with pytest.raises(FramesNotFoundError, match="nope.zarr"):
+        run_stream(stream_cfg(model_run, tmp_path, "source.kind=files", f"source.path={tmp_path / 'nope.zarr'}"),
+                   log=None)
+    with pytest.raises(FileNotFoundError, match="model.checkpoint"):
+        run_stream(stream_cfg(tmp_path / "no_run", tmp_path), log=None)
+    with pytest.raises(StreamError, match="needs 5 Ray CPUs .* the cluster has 2"):
+        run_stream(stream_cfg(model_run, tmp_path, "model.num_actors=4", "model.num_cpus=1", "peaks.num_cpus=1"),
+                   log=None)
+    assert ray.available_resources().get("CPU") == 2 and not (tmp_path / "peaks.cxi").exists()
+
+
+def test_cli_streams_a_zarr_file_survives_ray_kill_of_its_only_actor_and_owns_its_ray(model_run, tmp_path):
+    """`vitkit stream` end to end: zarr source, progress lines, summary JSON, a Ray it starts and shuts down, and
+    `ray.kill(actor, no_restart=False)` of its only actor: batches wait for the restart and are re-run."""
+    from vitkit.apps.peaks.job import load_model, predict
+
+    ds = SyntheticPeakDataset(12, SynthConfig(shape=SHAPE), seed=SEED + 1)
+    frames = np.stack([ds[i]["image"].numpy()[0] for i in range(12)])
+    write_zarr(tmp_path / "frames.zarr", frames)
+    predict(load_model(model_run), frames, tmp_path / "pred", overlays=0, progress=False)
+    out = tmp_path / "out"
+    res = run_cli("stream", "default", f"model.checkpoint={model_run}", "source.kind=files",
+                  f"source.path={tmp_path / 'frames.zarr'}", f"output.dir={out}", "ray.num_cpus=2",
+                  "model.num_cpus=0.5", "peaks.num_cpus=0.5", "model.batch_size=2", "report_every_s=0.05",
+                  "fault.kill_actor_after_batches=2", "fault.kill_mode=ray_kill")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == str(out)
+    progress = [line for line in res.stderr.splitlines() if line.startswith("[stream ")]
+    assert progress and all("frames/s" in line and "queues:" in line and "in_flight" in line for line in progress)
+    assert "[stream] done: 12 frames" in res.stderr
+    s = json.loads((out / "stream_stats.json").read_text())
+    assert s["ray_started_by_pipeline"] is True and s["frames_written"] == 12
+    assert s["latency_s"]["p95"] is not None
+    assert s["actor_restarts"] == 1 and s["fault_injected"]["mode"] == "ray_kill"
+    assert set(s["fault_injected"]["batches_in_flight"]) <= set(s["rerun_batches"])
+    assert "restarted (pid" in res.stderr and "1 actor restarts" in res.stdout
+    a, b = read_cxi_peaks(out / "peaks.cxi"), read_cxi_peaks(tmp_path / "pred" / "peaks.cxi")
+    assert len(a) == 12 and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_report_lines_show_rates_latency_and_queue_depths():
+    from vitkit.infer.stats import StreamStats
+
+    st = StreamStats()
+    for lat in (0.1, 0.2, 0.3, 0.4):
+        st.frame_written(lat)
+    line = st.report_line({"source": 3, "in_flight": "4/8"})
+    assert "4 frames written" in line and "p50 0.250 s" in line and "p95 0.385 s" in line
+    assert "queues: source 3 | in_flight 4/8" in line
