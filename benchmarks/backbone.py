@@ -7,8 +7,11 @@
     python benchmarks/backbone.py --profile --cases dinov2_s14reg4_518 --batches 1 --dtypes fp32
 
 Method: every model is eval() and runs under ``torch.inference_mode()``; bf16 means
-``torch.autocast("cpu", dtype=torch.bfloat16)`` around the forward for all three implementations, with the
-weights and the input kept in fp32. Per setting (case, batch, dtype) the implementations are called
+``torch.autocast("cpu", dtype=torch.bfloat16)`` around the forward of timm and transformers (weights and
+input in fp32), and vitkit's bf16 inference path for vitkit: a copy cast once with
+``vitkit.layers.precision.cast_for_inference`` (norms, positions and RoPE in fp32), fp32 input, no
+autocast (``--vitkit-bf16 autocast`` times vitkit under autocast like the peers).
+Per setting (case, batch, dtype) the implementations are called
 round-robin (starting implementation rotating each round) for ``warmup`` discarded rounds and ``reps``
 timed rounds; the median wall time (time.perf_counter) is reported. The machine may be shared: a timed call
 during which other processes used more than ``--max-foreign`` cores (from /proc/stat minus this process's
@@ -42,7 +45,7 @@ import common  # noqa: E402
 
 IMPLS = ("vitkit", "timm", "hf")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-GOALS = {"fp32": 1.0, "bf16": 1.5}  # vitkit speed / timm speed
+GOALS = {"fp32": 1.0, "bf16": 2.0}  # vitkit speed / timm speed
 
 
 # ------------------------------------------------------------------------------------------------- FLOPs
@@ -151,9 +154,33 @@ def _build_dinov3() -> tuple[dict, dict[str, str]]:
     return models, notes
 
 
+def _build_dinov2_base() -> tuple[dict, dict[str, str]]:
+    import timm
+    from transformers import Dinov2Config, Dinov2Model
+
+    import vitkit
+
+    notes: dict[str, str] = {}
+    vk = vitkit.create_backbone("dinov2_vitb14", img_size=518).eval()
+    tm = timm.create_model("vit_base_patch14_dinov2", pretrained=False, img_size=518, num_classes=0).eval()
+    cfg = Dinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, patch_size=14,
+                       image_size=518, layerscale_value=1e-5, layer_norm_eps=1e-6)
+    hf = Dinov2Model._from_config(cfg, attn_implementation="sdpa").eval()
+    _copy_timm_into_vitkit(vk, tm, notes)
+    notes["hf_attn"] = str(hf.config._attn_implementation)
+    models = {
+        "vitkit": (vk, lambda x: vk.forward_features(x)["x_norm_patchtokens"]),
+        "timm": (tm, lambda x: tm.forward_features(x)),
+        "hf": (hf, lambda x: hf(pixel_values=x).last_hidden_state),
+    }
+    return models, notes
+
+
 CASES: dict[str, Case] = {
     "dinov2_s14reg4_518": Case("dinov2_s14reg4_518", "DINOv2 ViT-S/14 reg4 @518", 518, 14, 384, 12, 6, 1536, 5,
                                _build_dinov2),
+    "dinov2_b14_518": Case("dinov2_b14_518", "DINOv2 ViT-B/14 @518", 518, 14, 768, 12, 12, 3072, 1,
+                           _build_dinov2_base),
     "dinov3_s16_640": Case("dinov3_s16_640", "DINOv3 ViT-S/16 @640", 640, 16, 384, 12, 6, 1536, 5,
                            _build_dinov3),
 }
@@ -190,7 +217,9 @@ def _progress(prefix: str) -> Callable[[str], None]:
 
 def run_case(case: Case, batches: list[int], dtypes: list[str], impls: list[str], warmup: dict[int, int],
              reps: dict[int, int], peaks: dict[str, float], max_foreign: float | None = 0.25,
-             idle_wait: float = 60.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+             idle_wait: float = 60.0, vitkit_bf16: str = "autocast") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``vitkit_bf16="cast"`` times vitkit's bf16 rows on a copy cast once with ``cast_for_inference``
+    (no autocast); timm and transformers always run under autocast."""
     torch.manual_seed(0)
     t0 = time.perf_counter()
     built, notes = case.build()
@@ -204,11 +233,21 @@ def run_case(case: Case, batches: list[int], dtypes: list[str], impls: list[str]
     except Exception as e:  # noqa: BLE001
         info["max_abs_diff_vitkit_timm_fp32"] = f"failed: {type(e).__name__}: {e}"
     rows = []
+    cast_fn = None
+    if "bf16" in dtypes and vitkit_bf16 == "cast" and "vitkit" in models:
+        import copy
+
+        from vitkit.layers.precision import cast_for_inference
+
+        vk_cast = cast_for_inference(copy.deepcopy(models["vitkit"][0]))
+        cast_fn = lambda x: vk_cast.forward_features(x)["x_norm_patchtokens"]  # noqa: E731
     for dt_name in dtypes:
         dtype = DTYPES[dt_name]
         for b in batches:
             x = torch.randn(b, 3, case.img, case.img, generator=g)
             fns = {k: _runner(fn, x, dtype) for k, (_, fn) in models.items()}
+            if dt_name == "bf16" and vitkit_bf16 == "cast" and "vitkit" in models:
+                fns["vitkit"] = _runner(cast_fn, x, None)
             waited = common.wait_for_idle(max_foreign, max_wait=idle_wait) if max_foreign and idle_wait else 0.0
             times, tstats = common.time_interleaved(fns, warmup[b], reps[b],
                                                     progress=_progress(f"{case.name} B={b} {dt_name}"),
@@ -216,6 +255,7 @@ def run_case(case: Case, batches: list[int], dtypes: list[str], impls: list[str]
             fl = case.flops(b)["total"]
             peak = peaks[dt_name]
             row: dict[str, Any] = {"case": case.name, "title": case.title, "batch": b, "dtype": dt_name,
+                                   "vitkit_bf16": vitkit_bf16 if dt_name == "bf16" else None,
                                    "gflop": fl / 1e9, "impls": {}, "waited_for_idle_s": waited,
                                    "foreign_load_mean": max(
                                        (sum(v) / len(v) for v in tstats["foreign_load"].values() if v), default=0.0),
@@ -360,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="batch 1 only, 1 warm-up + 3 timed rounds")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default: 2 for B=1, 1 for B>1)")
     ap.add_argument("--reps", type=int, default=None, help="timed rounds (default: 7 for B=1, 3 for B>1)")
+    ap.add_argument("--vitkit-bf16", choices=("autocast", "cast"), default="cast",
+                    help="vitkit's bf16 rows: weights cast once (default) or autocast like the peers")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-foreign", type=float, default=0.25,
                     help="discard and repeat timed calls during which other processes used more than this many "
@@ -427,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     infos: dict[str, Any] = {}
     for c in cases:
         rows, info = run_case(CASES[c], batches, dtypes, impls, warmup, reps, peaks,
-                              max_foreign=args.max_foreign or None, idle_wait=args.idle_wait)
+                              max_foreign=args.max_foreign or None, idle_wait=args.idle_wait,
+                              vitkit_bf16=args.vitkit_bf16)
         all_rows += rows
         infos[c] = info
         print(f"case    : {CASES[c].title}: params {info['params']}, max|vitkit-timm| fp32 "

@@ -273,9 +273,23 @@ def _runner(fn: Callable, x: torch.Tensor, dtype: torch.dtype | None) -> Callabl
     return run
 
 
+def cast_variants(fns: dict[str, Callable]) -> dict[str, Callable]:
+    """vitkit's bf16 inference path: the vitkit variants on copies cast once with
+    ``vitkit.layers.precision.cast_for_inference`` (run without autocast; HF stays under autocast)."""
+    from vitkit.layers.precision import cast_for_inference
+
+    _, vk, _, vk_off = fns["_modules"]
+    vk_c, vk_off_c = (cast_for_inference(copy.deepcopy(m)) for m in (vk, vk_off))
+    enc = vk_off_c.encoder
+    return {"vitkit_on": lambda x: vk_c(x)[0][-1], "vitkit_off": lambda x: vk_off_c(x)[0][-1],
+            "vitkit_bare": lambda x: enc.forward_features(x)["x_norm_patchtokens"], "_modules": (vk_c, vk_off_c)}
+
+
 def run_inference(cases: list[tuple[int, int]], dtypes: list[str], num_q: int, num_classes: int,
                   warmup: Callable[[int], int], reps: Callable[[int], int], max_foreign: float | None,
-                  idle_wait: float, max_retries: Callable[[int], int | None]) -> tuple[list[dict], dict]:
+                  idle_wait: float, max_retries: Callable[[int], int | None], vitkit_bf16: str = "cast"
+                  ) -> tuple[list[dict], dict]:
+    """``vitkit_bf16``: "cast" (weights cast once, vitkit's bf16 path) or "autocast" (like HF)."""
     rows: list[dict[str, Any]] = []
     info: dict[str, Any] = {}
     for size in sorted({s for s, _ in cases}):
@@ -294,6 +308,7 @@ def run_inference(cases: list[tuple[int, int]], dtypes: list[str], num_q: int, n
         notes["max_abs_diff_fp32_masks_off"] = float((c - d).abs().max())
         notes["mask_logits_shape"] = list(b.shape)
         info[str(size)] = notes
+        casted = cast_variants(fns) if "bf16" in dtypes and vitkit_bf16 == "cast" else None
         print(f"model   : {size}x{size}: {n_tokens(size, num_q)} tokens in the query blocks; "
               + ", ".join(f"{k} {v:.2g}" if isinstance(v, float) else f"{k} {v}" for k, v in notes.items()),
               flush=True)
@@ -301,6 +316,8 @@ def run_inference(cases: list[tuple[int, int]], dtypes: list[str], num_q: int, n
             x = torch.randn(batch, 3, size, size, generator=g)
             for dt_name in dtypes:
                 run = {k: _runner(fns[k], x, DTYPES[dt_name]) for k in INFER_VARIANTS}
+                if dt_name == "bf16" and casted is not None:
+                    run.update({k: _runner(casted[k], x, None) for k in INFER_VARIANTS if k in casted})
                 waited = common.wait_for_idle(max_foreign, max_wait=idle_wait) if max_foreign and idle_wait else 0.0
                 times, st = _timed(run, warmup(batch), reps(batch), f"infer {size} B={batch} {dt_name}", max_foreign,
                                    max_retries(batch), idle_wait)
@@ -308,6 +325,7 @@ def run_inference(cases: list[tuple[int, int]], dtypes: list[str], num_q: int, n
                 t = {k: s["median_s"] for k, s in v.items()}
                 rows.append({
                     "size": size, "batch": batch, "dtype": dt_name, "variants": v,
+                    "vitkit_bf16": vitkit_bf16 if dt_name == "bf16" else None,
                     "ratio_masks_on": t["hf_on"] / t["vitkit_on"],
                     "ratio_masks_off": t["hf_off"] / t["vitkit_off"],
                     "overhead_off_vs_bare": t["vitkit_off"] / t["vitkit_bare"] - 1,
@@ -316,7 +334,7 @@ def run_inference(cases: list[tuple[int, int]], dtypes: list[str], num_q: int, n
                     "waited_for_idle_s": waited, "discarded": st["discarded"],
                     "contended_kept": st["contended_kept"], "foreign_load_mean": st["foreign_load_mean"],
                 })
-        del fns
+        del fns, casted
         gc.collect()
         _malloc_trim()
     return rows, info
@@ -373,14 +391,16 @@ def train_steps(size: int, batch: int, num_q: int, num_classes: int, num_points:
         hf.zero_grad(set_to_none=True)
         return float(out.loss.detach())
 
-    def vk_step() -> float:
-        mask_logits, class_logits = vk(x)
+    def vk_step(model=vk) -> float:
+        mask_logits, class_logits = model(x)
         total, _ = crit(mask_logits, class_logits, targets)
         total.backward()
-        vk.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         return float(total.detach())
 
-    return {"hf": hf_step, "vitkit": vk_step, "_modules": (hf, vk, crit)}
+    vk_ckpt = copy.deepcopy(vk)
+    vk_ckpt.set_grad_checkpointing(True)  # blocks and upscaler recomputed in backward
+    return {"hf": hf_step, "vitkit": vk_step, "vitkit_ckpt": lambda: vk_step(vk_ckpt), "_modules": (hf, vk, crit)}
 
 
 def run_training(size: int, batch: int, num_q: int, num_classes: int, num_points: int, warmup: int, reps: int,
@@ -389,14 +409,14 @@ def run_training(size: int, batch: int, num_q: int, num_classes: int, num_points
     torch.manual_seed(0)
     notes: dict[str, Any] = {}
     steps = train_steps(size, batch, num_q, num_classes, num_points, notes)
-    fns = {k: steps[k] for k in ("hf", "vitkit")}
+    fns = {k: steps[k] for k in ("hf", "vitkit", "vitkit_ckpt")}
     losses = {k: [] for k in fns}
     timed = {k: (lambda f=f, k=k: losses[k].append(f())) for k, f in fns.items()}
     waited = common.wait_for_idle(max_foreign, max_wait=idle_wait) if max_foreign and idle_wait else 0.0
     times, st = _timed(timed, warmup, reps, f"train {size} B={batch} fp32", max_foreign, max_retries, idle_wait)
     mem: dict[str, list[dict[str, float]]] = {k: [] for k in fns}
     for i in range(mem_reps):  # one implementation at a time, alternating
-        for k in (("hf", "vitkit") if i % 2 == 0 else ("vitkit", "hf")):
+        for k in (list(fns) if i % 2 == 0 else list(fns)[::-1]):
             with PeakRSS() as pr:
                 t0 = time.perf_counter()
                 fns[k]()
@@ -410,6 +430,8 @@ def run_training(size: int, batch: int, num_q: int, num_classes: int, num_points
         "size": size, "batch": batch, "dtype": "fp32", "num_points": num_points, "variants": v, "memory": mem,
         "peak_delta_bytes": peak, "ratio_speed": v["hf"]["median_s"] / v["vitkit"]["median_s"],
         "ratio_memory": peak["vitkit"] / peak["hf"] if peak["hf"] else float("nan"),
+        "ratio_speed_ckpt": v["hf"]["median_s"] / v["vitkit_ckpt"]["median_s"],
+        "ratio_memory_ckpt": peak["vitkit_ckpt"] / peak["hf"] if peak["hf"] else float("nan"),
         "loss_median": {k: sorted(ls)[len(ls) // 2] for k, ls in losses.items() if ls},
         "notes": notes, "waited_for_idle_s": waited, "discarded": st["discarded"],
         "contended_kept": st["contended_kept"], "foreign_load_mean": st["foreign_load_mean"],
@@ -425,9 +447,13 @@ def run_training(size: int, batch: int, num_q: int, num_classes: int, num_points
 def render_training(r: dict[str, Any], markdown: bool = False) -> str:
     v, p = r["variants"], r["peak_delta_bytes"]
     headers = ["size", "B", "HF ms/step", "vitkit ms/step", "x HF (speed)", "HF peak MiB", "vitkit peak MiB",
-               "vitkit/HF mem", "loss HF", "loss vitkit", "spread", "other load"]
+               "vitkit/HF mem", "+ckpt ms/step", "x HF (+ckpt)", "+ckpt peak MiB", "+ckpt/HF mem",
+               "loss HF", "loss vitkit", "spread", "other load"]
+    ck = "vitkit_ckpt" in v
     row = [r["size"], r["batch"], f"{v['hf']['ms']:.0f}", f"{v['vitkit']['ms']:.0f}", f"{r['ratio_speed']:.2f}",
            f"{p['hf'] / MIB:.0f}", f"{p['vitkit'] / MIB:.0f}", f"{r['ratio_memory']:.2f}",
+           f"{v['vitkit_ckpt']['ms']:.0f}" if ck else "-", f"{r['ratio_speed_ckpt']:.2f}" if ck else "-",
+           f"{p['vitkit_ckpt'] / MIB:.0f}" if ck else "-", f"{r['ratio_memory_ckpt']:.2f}" if ck else "-",
            f"{r['loss_median'].get('hf', float('nan')):.2f}", f"{r['loss_median'].get('vitkit', float('nan')):.2f}",
            f"{100 * max(s['spread'] for s in v.values()):.0f}%",
            f"{r['foreign_load_mean']:.2f}" + ("!" if r["contended_kept"] else "")]
@@ -626,6 +652,12 @@ def goals(infer_rows: list[dict], train: dict | None, big: dict | None) -> list[
                   "goal": f">= {GOALS['train_speed']}", "met": train["ratio_speed"] >= GOALS["train_speed"]})
         g.append({"what": f"{tag} vitkit/HF peak RSS delta", "value": train["ratio_memory"],
                   "goal": f"<= {GOALS['train_memory']}", "met": train["ratio_memory"] <= GOALS["train_memory"]})
+        if "ratio_memory_ckpt" in train:
+            g.append({"what": f"{tag} vitkit+checkpointing/HF step speed", "value": train["ratio_speed_ckpt"],
+                      "goal": f">= {GOALS['train_speed']}", "met": train["ratio_speed_ckpt"] >= GOALS["train_speed"]})
+            g.append({"what": f"{tag} vitkit+checkpointing/HF peak RSS delta", "value": train["ratio_memory_ckpt"],
+                      "goal": f"<= {GOALS['train_memory']}",
+                      "met": train["ratio_memory_ckpt"] <= GOALS["train_memory"]})
     if big:
         g.append({"what": f"vitkit masked inference @ {big['size']} peak RSS GiB", "value": big["peak_rss_bytes"] / GIB,
                   "goal": f"< {GOALS['big_memory_gib']:.0f}", "met": big["fits_24gib"]})
@@ -653,6 +685,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=None,
                     help="timed rounds (default 5 for B=1 inference, 3 for B>1 and training; --quick: 3 / 2)")
     ap.add_argument("--mem-reps", type=int, default=None, help="memory measurements per training impl (default 2)")
+    ap.add_argument("--vitkit-bf16", choices=("autocast", "cast"), default="cast",
+                    help="vitkit's bf16 inference: weights cast once (default) or autocast like HF")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-foreign", type=float, default=0.25,
                     help="discard and repeat timed calls during which other processes used more than this many "
@@ -711,7 +745,8 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps({"env": env, "profile": res}, indent=1) + "\n")
         return 0
     print(f"method  : ViT-S/16 EoMT, Q={args.num_q}, C={args.num_classes}, 3 query blocks; round-robin, warm-up {w}, "
-          f"median of timed rounds; bf16 = torch.autocast('cpu', bfloat16); other load > {max_foreign} cores "
+          f"median of timed rounds; bf16 = torch.autocast('cpu', bfloat16) (vitkit: {args.vitkit_bf16}); "
+          f"other load > {max_foreign} cores "
           f"-> that call is repeated", flush=True)
 
     t_start = time.perf_counter()
@@ -720,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     train_res = big_res = None
     if "infer" in sections:
         infer_rows, info = run_inference(cases, dtypes, args.num_q, args.num_classes, lambda b: w, reps, max_foreign,
-                                         idle_wait, retries)
+                                         idle_wait, retries, vitkit_bf16=args.vitkit_bf16)
         doc["inference"] = {"models": info, "results": infer_rows}
         print("\n1. inference (eval, inference_mode), ms per batch; x HF = vitkit speed / HF speed; "
               "EoMT x/bare = vitkit EoMT time over vitkit bare backbone - 1")

@@ -84,7 +84,7 @@ def compare(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return dpos, dint
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, nargs="+", default=[1920], help="frame size H [W]")
     ap.add_argument("--peaks", type=int, default=500)
@@ -94,7 +94,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--naive", action="store_true", help="also time the full-frame per-label loop once")
     ap.add_argument("--json", type=str, default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     shape = (args.size[0], args.size[-1])
 
     env = common.environment()

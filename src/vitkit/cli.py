@@ -72,10 +72,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from lightning.pytorch.utilities import rank_zero_only
+
     from vitkit.apps.peaks.job import compose, train
 
     run_dir = train(compose(args.overrides))
-    print(run_dir)  # the last line is the run directory
+    if rank_zero_only.rank == 0:  # distributed runs: one line from rank 0
+        print(run_dir)  # the last line is the run directory
     return 0
 
 
