@@ -109,6 +109,27 @@ def _malloc_trim() -> None:
         pass
 
 
+@contextlib.contextmanager
+def mmap_large_blocks(threshold: int = 128 * 1024):
+    """While measuring memory: glibc serves blocks above ``threshold`` with mmap and returns them at
+    once, so a peak-RSS delta does not depend on freed heap kept from earlier work. Only around memory
+    measurements: mmap for every large block slows compute several-fold. Afterwards the threshold is set
+    to glibc's dynamic maximum (32 MiB), close to where a long-running process settles."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        yield
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, threshold)
+    _malloc_trim()
+    try:
+        yield
+    finally:
+        libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
+        _malloc_trim()
+
+
 def _can_reset_hwm() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -415,15 +436,17 @@ def run_training(size: int, batch: int, num_q: int, num_classes: int, num_points
     waited = common.wait_for_idle(max_foreign, max_wait=idle_wait) if max_foreign and idle_wait else 0.0
     times, st = _timed(timed, warmup, reps, f"train {size} B={batch} fp32", max_foreign, max_retries, idle_wait)
     mem: dict[str, list[dict[str, float]]] = {k: [] for k in fns}
-    for i in range(mem_reps):  # one implementation at a time, alternating
-        for k in (list(fns) if i % 2 == 0 else list(fns)[::-1]):
-            with PeakRSS() as pr:
-                t0 = time.perf_counter()
-                fns[k]()
-                dt = time.perf_counter() - t0
-            mem[k].append({"delta_bytes": pr.delta, "peak_bytes": pr.peak, "before_bytes": pr.before, "wall_s": dt})
-            print(f"  memory {k}: +{pr.delta / MIB:.0f} MiB over {pr.before / MIB:.0f} MiB ({dt:.1f} s)",
-                  file=sys.stderr, flush=True)
+    with mmap_large_blocks():
+        for i in range(mem_reps):  # one implementation at a time, alternating
+            for k in (list(fns) if i % 2 == 0 else list(fns)[::-1]):
+                with PeakRSS() as pr:
+                    t0 = time.perf_counter()
+                    fns[k]()
+                    dt = time.perf_counter() - t0
+                mem[k].append({"delta_bytes": pr.delta, "peak_bytes": pr.peak, "before_bytes": pr.before,
+                               "wall_s": dt})
+                print(f"  memory {k}: +{pr.delta / MIB:.0f} MiB over {pr.before / MIB:.0f} MiB ({dt:.1f} s)",
+                      file=sys.stderr, flush=True)
     v = {k: _summ(ts) for k, ts in times.items()}
     peak = {k: max(m["delta_bytes"] for m in ms) for k, ms in mem.items()}
     res = {

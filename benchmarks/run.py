@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import sys
 import tempfile
 import time
@@ -97,10 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", default="backbone,eomt,peaks")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)
-    if argv is None and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-        # glibc keeps freed heap memory, which makes peak-RSS deltas depend on what ran before; large blocks
-        # from mmap are returned at once. The variable is read at start-up: re-exec this process with it.
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     common.setup_threads(2)
     warnings.filterwarnings("ignore")
