@@ -459,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"GEMM peak (2048^3 matmul, best of 5): fp32 {peaks['fp32']:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16']:.0f} GFLOP/s")
     print(f"method  : round-robin over {impls}, warm-up {warmup}, timed rounds {reps} (per batch size), "
-          f"median; bf16 = torch.autocast('cpu', bfloat16); inference_mode; eval()")
+          f"median; bf16 = torch.autocast('cpu', bfloat16) for the peers, vitkit: {args.vitkit_bf16}; "
+          "inference_mode; eval()")
     for c in cases:
         fl = CASES[c].flops(1)
         print(f"flops   : {CASES[c].title}: {fl['tokens']} tokens, {fl['total'] / 1e9:.1f} GFLOP per image")
