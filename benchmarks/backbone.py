@@ -105,75 +105,48 @@ def _copy_timm_into_vitkit(vk: torch.nn.Module, tm: torch.nn.Module, notes: dict
         print(f"WARNING: could not copy timm weights into vitkit: {type(e).__name__}: {e}", file=sys.stderr)
 
 
+def _build(vitkit_name: str, timm_name: str, hf_config: str, hf_model: str, img: int,
+           **hf_kw: Any) -> tuple[dict, dict[str, str]]:
+    """vitkit (holding timm's weights), timm and transformers (own random init) models of one architecture."""
+    import timm
+    import transformers
+
+    import vitkit
+
+    notes: dict[str, str] = {}
+    vk = vitkit.create_backbone(vitkit_name, img_size=img).eval()
+    tm = timm.create_model(timm_name, pretrained=False, img_size=img, num_classes=0).eval()
+    cfg = getattr(transformers, hf_config)(image_size=img, **hf_kw)
+    hf = getattr(transformers, hf_model)._from_config(cfg, attn_implementation="sdpa").eval()
+    _copy_timm_into_vitkit(vk, tm, notes)
+    notes["hf_attn"] = str(hf.config._attn_implementation)
+    notes["timm_fused_attn"] = str(getattr(tm.blocks[0].attn, "fused_attn", "?"))
+    models = {
+        "vitkit": (vk, lambda x: vk.forward_features(x)["x_norm_patchtokens"]),
+        "timm": (tm, lambda x: tm.forward_features(x)),
+        "hf": (hf, lambda x: hf(pixel_values=x).last_hidden_state),
+    }
+    return models, notes
+
+
 def _build_dinov2() -> tuple[dict, dict[str, str]]:
-    import timm
-    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-
-    import vitkit
-
-    notes: dict[str, str] = {}
-    vk = vitkit.create_backbone("dinov2_vits14_reg", img_size=518).eval()
-    tm = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=518, num_classes=0).eval()
-    cfg = Dinov2WithRegistersConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4,
-                                    patch_size=14, image_size=518, num_register_tokens=4, layerscale_value=1e-5,
-                                    layer_norm_eps=1e-6)
-    hf = Dinov2WithRegistersModel._from_config(cfg, attn_implementation="sdpa").eval()
-    _copy_timm_into_vitkit(vk, tm, notes)
-    notes["hf_attn"] = str(hf.config._attn_implementation)
-    notes["timm_fused_attn"] = str(getattr(tm.blocks[0].attn, "fused_attn", "?"))
-    models = {
-        "vitkit": (vk, lambda x: vk.forward_features(x)["x_norm_patchtokens"]),
-        "timm": (tm, lambda x: tm.forward_features(x)),
-        "hf": (hf, lambda x: hf(pixel_values=x).last_hidden_state),
-    }
-    return models, notes
-
-
-def _build_dinov3() -> tuple[dict, dict[str, str]]:
-    import timm
-    from transformers import DINOv3ViTConfig, DINOv3ViTModel
-
-    import vitkit
-
-    notes: dict[str, str] = {}
-    vk = vitkit.create_backbone("dinov3_vits16", img_size=640).eval()
-    # the _qkvb variant has the qkv bias that the released DINOv3 ViT-S (and vitkit's preset) has
-    tm = timm.create_model("vit_small_patch16_dinov3_qkvb", pretrained=False, img_size=640, num_classes=0).eval()
-    cfg = DINOv3ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
-                          patch_size=16, image_size=640, num_register_tokens=4, layerscale_value=1e-5,
-                          query_bias=True, key_bias=False, value_bias=True)
-    hf = DINOv3ViTModel._from_config(cfg, attn_implementation="sdpa").eval()
-    _copy_timm_into_vitkit(vk, tm, notes)
-    notes["hf_attn"] = str(hf.config._attn_implementation)
-    notes["timm_fused_attn"] = str(getattr(tm.blocks[0].attn, "fused_attn", "?"))
-    models = {
-        "vitkit": (vk, lambda x: vk.forward_features(x)["x_norm_patchtokens"]),
-        "timm": (tm, lambda x: tm.forward_features(x)),
-        "hf": (hf, lambda x: hf(pixel_values=x).last_hidden_state),
-    }
-    return models, notes
+    return _build("dinov2_vits14_reg", "vit_small_patch14_reg4_dinov2", "Dinov2WithRegistersConfig",
+                  "Dinov2WithRegistersModel", 518, hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                  mlp_ratio=4, patch_size=14, num_register_tokens=4, layerscale_value=1e-5, layer_norm_eps=1e-6)
 
 
 def _build_dinov2_base() -> tuple[dict, dict[str, str]]:
-    import timm
-    from transformers import Dinov2Config, Dinov2Model
+    return _build("dinov2_vitb14", "vit_base_patch14_dinov2", "Dinov2Config", "Dinov2Model", 518, hidden_size=768,
+                  num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, patch_size=14, layerscale_value=1e-5,
+                  layer_norm_eps=1e-6)
 
-    import vitkit
 
-    notes: dict[str, str] = {}
-    vk = vitkit.create_backbone("dinov2_vitb14", img_size=518).eval()
-    tm = timm.create_model("vit_base_patch14_dinov2", pretrained=False, img_size=518, num_classes=0).eval()
-    cfg = Dinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, patch_size=14,
-                       image_size=518, layerscale_value=1e-5, layer_norm_eps=1e-6)
-    hf = Dinov2Model._from_config(cfg, attn_implementation="sdpa").eval()
-    _copy_timm_into_vitkit(vk, tm, notes)
-    notes["hf_attn"] = str(hf.config._attn_implementation)
-    models = {
-        "vitkit": (vk, lambda x: vk.forward_features(x)["x_norm_patchtokens"]),
-        "timm": (tm, lambda x: tm.forward_features(x)),
-        "hf": (hf, lambda x: hf(pixel_values=x).last_hidden_state),
-    }
-    return models, notes
+def _build_dinov3() -> tuple[dict, dict[str, str]]:
+    # the _qkvb variant has the qkv bias that the released DINOv3 ViT-S (and vitkit's preset) has
+    return _build("dinov3_vits16", "vit_small_patch16_dinov3_qkvb", "DINOv3ViTConfig", "DINOv3ViTModel", 640,
+                  hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                  patch_size=16, num_register_tokens=4, layerscale_value=1e-5, query_bias=True, key_bias=False,
+                  value_bias=True)
 
 
 CASES: dict[str, Case] = {

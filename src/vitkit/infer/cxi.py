@@ -28,23 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vitkit.apps.peaks.io import CXI_RESULT
+from vitkit.apps.peaks.io import cxi_peak_rows, cxi_result_group
 from vitkit.errors import InputError
 
 __all__ = ["OrderedCXIWriter"]
-
-
-def _rows(peaks, max_peaks: int) -> np.ndarray:
-    a = np.asarray(peaks, dtype=np.float64)
-    if a.size == 0:
-        return np.zeros((0, 3))
-    if a.ndim != 2 or a.shape[1] not in (2, 3):
-        raise InputError(f"OrderedCXIWriter: expected peaks [n, 3] (y, x, intensity) or [n, 2], found {a.shape}.")
-    if a.shape[1] == 2:
-        a = np.concatenate([a, np.zeros((len(a), 1))], axis=1)
-    if len(a) > max_peaks:  # the brightest, in their original order (as write_cxi)
-        a = a[np.sort(np.argsort(-a[:, 2], kind="stable")[:max_peaks])]
-    return a
 
 
 class OrderedCXIWriter:
@@ -82,9 +69,7 @@ class OrderedCXIWriter:
         self.max_buffered = 0
         self._f = h5py.File(self.tmp, "w")
         try:
-            self._f.create_dataset("cxi_version", data=np.int32(150))
-            r = self._f.require_group(CXI_RESULT)
-            r.attrs["coordinates"] = "pixel centres at integer (y=slow scan, x=fast scan); NumPy convention"
+            r = cxi_result_group(self._f)
             c = max(1, int(chunk_rows))
             self._d = {
                 "nPeaks": r.create_dataset("nPeaks", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(c * 16,)),
@@ -143,7 +128,7 @@ class OrderedCXIWriter:
         dropped, late = [], []
         for index, key, peaks in items:
             i = int(index)
-            a = _rows(peaks, self.max_peaks)
+            a = cxi_peak_rows(peaks, "OrderedCXIWriter", self.max_peaks)
             if i in self._buf:
                 self.duplicates += 1
                 dropped.append(key)

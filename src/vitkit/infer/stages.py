@@ -63,21 +63,10 @@ class MaskPredictor:
         import torch
 
         from vitkit.apps.peaks.job import predict_masks
-        from vitkit.tasks.postprocess import semantic_inference
-        from vitkit.tasks.transforms import instance_normalise
 
         frames = np.asarray(frames, dtype=np.float32)
-        if not frames.flags.writeable:  # torch warns on read-only buffers (zero-copy Ray objects)
-            frames = frames.copy()
         with torch.inference_mode():
-            if self.device.type == "cpu":
-                masks = [m for _, m in predict_masks(self.model, frames, self.overlap, progress=False)]
-            else:  # predict_masks on the device: the same normalisation, windows and argmax
-                masks = []
-                for raw in frames:
-                    x = instance_normalise(torch.as_tensor(raw, dtype=torch.float32)[None, None]).to(self.device)
-                    probs = semantic_inference(self.model, x, overlap=self.overlap)
-                    masks.append((probs.argmax(1)[0] == 1).cpu().numpy())
+            masks = [m for _, m in predict_masks(self.model, frames, self.overlap, progress=False, device=self.device)]
         return np.stack(masks) if masks else np.zeros((0, *frames.shape[1:]), dtype=bool)
 
 
@@ -123,7 +112,35 @@ def as_frame(item: Any) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-class FileStream:
+class IndexedStream:
+    """Frames of an indexable source, read in order by the pipeline's driver."""
+
+    def __init__(self, items):
+        self.items = items
+        self.next = 0
+        self.total = len(items)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.next >= self.total
+
+    def depth(self) -> int | None:
+        return self.total - self.next
+
+    def poll(self, n: int, timeout: float = 0.0) -> list[tuple[int, np.ndarray]]:
+        out = []
+        while len(out) < n and self.next < self.total:
+            out.append((self.next, as_frame(self.items[self.next])))
+            self.next += 1
+        return out
+
+    def close(self) -> None:
+        close = getattr(self.items, "close", None)
+        if close is not None:
+            close()
+
+
+class FileStream(IndexedStream):
     """Frames of files (zarr, HDF5/CXI, .npy, PNG, TIFF, globs, CSV lists) via :func:`open_frames`, in order.
 
     Opening checks that everything exists, so a missing file fails before any actor starts.
@@ -132,52 +149,15 @@ class FileStream:
     def __init__(self, path, key: str | None = None):
         from vitkit.apps.peaks.io import open_frames
 
-        self.source = open_frames(list(path) if isinstance(path, (list, tuple)) else path, key=key, label_key=False)
-        self.next = 0
-        self.total = len(self.source)
-
-    @property
-    def exhausted(self) -> bool:
-        return self.next >= self.total
-
-    def depth(self) -> int | None:
-        return self.total - self.next
-
-    def poll(self, n: int, timeout: float = 0.0) -> list[tuple[int, np.ndarray]]:
-        out = []
-        while len(out) < n and self.next < self.total:
-            out.append((self.next, as_frame(self.source[self.next])))
-            self.next += 1
-        return out
-
-    def close(self) -> None:
-        self.source.close()
+        super().__init__(open_frames(list(path) if isinstance(path, (list, tuple)) else path, key=key,
+                                     label_key=False))
 
 
-class SyntheticStream:
+class SyntheticStream(IndexedStream):
     """``num_frames`` frames of :class:`~vitkit.apps.peaks.synthetic.SyntheticPeakDataset` (generated on read)."""
 
     def __init__(self, num_frames: int, shape, seed: int = 0):
         from vitkit.apps.peaks.synthetic import SynthConfig, SyntheticPeakDataset
 
-        self.dataset = SyntheticPeakDataset(int(num_frames), cfg=SynthConfig(shape=tuple(int(s) for s in shape)),
-                                            seed=int(seed))
-        self.next = 0
-        self.total = len(self.dataset)
-
-    @property
-    def exhausted(self) -> bool:
-        return self.next >= self.total
-
-    def depth(self) -> int | None:
-        return self.total - self.next
-
-    def poll(self, n: int, timeout: float = 0.0) -> list[tuple[int, np.ndarray]]:
-        out = []
-        while len(out) < n and self.next < self.total:
-            out.append((self.next, as_frame(self.dataset[self.next])))
-            self.next += 1
-        return out
-
-    def close(self) -> None:
-        pass
+        super().__init__(SyntheticPeakDataset(int(num_frames), cfg=SynthConfig(shape=tuple(int(s) for s in shape)),
+                                              seed=int(seed)))

@@ -785,6 +785,23 @@ def _peak_rows(p, what: str) -> np.ndarray:
     return a
 
 
+def cxi_peak_rows(p, what: str, max_peaks: int) -> np.ndarray:
+    """One frame's peaks as ``[n, 3]`` float64 rows ``(y, x, intensity)`` for a CXI row of width ``max_peaks``:
+    ``[n, 2]`` gets intensity 0; more than ``max_peaks`` keeps the brightest, in their original order."""
+    a = _peak_rows(p, what)
+    if len(a) > max_peaks:
+        a = a[np.sort(np.argsort(-a[:, 2], kind="stable")[:max_peaks])]
+    return a
+
+
+def cxi_result_group(f):
+    """Write ``/cxi_version`` into an open h5py file and create the CrystFEL peak-list group."""
+    f.create_dataset("cxi_version", data=np.int32(150))
+    r = f.require_group(CXI_RESULT)
+    r.attrs["coordinates"] = "pixel centres at integer (y=slow scan, x=fast scan); NumPy convention"
+    return r
+
+
 def write_cxi(path: str | os.PathLike, peaks_per_frame: Sequence, frames=None, max_peaks: int = 2048,
               compression: str | None = None) -> Path:
     """Write peak lists (and optionally the frames) as a CXI file for CrystFEL/Cheetah, atomically.
@@ -817,17 +834,13 @@ def write_cxi(path: str | os.PathLike, peaks_per_frame: Sequence, frames=None, m
     ys = np.zeros((n, max_peaks), dtype=np.float32)
     it = np.zeros((n, max_peaks), dtype=np.float32)
     for i, p in enumerate(peaks_per_frame):
-        a = _peak_rows(p, f"write_cxi(peaks_per_frame[{i}])")
-        if len(a) > max_peaks:
-            a = a[np.sort(np.argsort(-a[:, 2], kind="stable")[:max_peaks])]
+        a = cxi_peak_rows(p, f"write_cxi(peaks_per_frame[{i}])", max_peaks)
         k = len(a)
         npk[i] = k
         ys[i, :k], xs[i, :k], it[i, :k] = a[:, 0], a[:, 1], a[:, 2]
     with _atomic(path) as tmp:
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("cxi_version", data=np.int32(150))
-            r = f.require_group(CXI_RESULT)
-            r.attrs["coordinates"] = "pixel centres at integer (y=slow scan, x=fast scan); NumPy convention"
+            r = cxi_result_group(f)
             r.create_dataset("nPeaks", data=npk)
             r.create_dataset("peakXPosRaw", data=xs)
             r.create_dataset("peakYPosRaw", data=ys)

@@ -80,8 +80,8 @@ def load_model(checkpoint: str | Path):
 
 # ---------------------------------------------------------------------------------------- predict
 @torch.no_grad()
-def predict_masks(model, frames, overlap: float = 0.25, progress: bool = True):
-    """Peak masks for raw frames (any size; sliding windows at native resolution).
+def predict_masks(model, frames, overlap: float = 0.25, progress: bool = True, device: str | torch.device = "cpu"):
+    """Peak masks for raw frames (any size; sliding windows at native resolution) on ``device``.
 
     Yields ``(raw frame [H, W] float32, mask [H, W] bool)`` per frame, in order.
     """
@@ -93,9 +93,9 @@ def predict_masks(model, frames, overlap: float = 0.25, progress: bool = True):
     model.eval()
     for i in tqdm(range(len(frames)), desc="predict", unit="frame", disable=not progress):
         raw = frame_image(frames[i])
-        x = instance_normalise(torch.as_tensor(raw, dtype=torch.float32)[None, None])
+        x = instance_normalise(torch.tensor(raw, dtype=torch.float32)[None, None]).to(device)  # copies (read-only ok)
         probs = semantic_inference(model, x, overlap=overlap)
-        yield raw, (probs.argmax(1)[0] == 1).numpy()
+        yield raw, (probs.argmax(1)[0] == 1).cpu().numpy()
 
 
 def frame_image(item) -> np.ndarray:
