@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_foreign and args.idle_wait:
         common.wait_for_idle(args.max_foreign, max_wait=args.idle_wait)
     peaks = {"fp32": common.gemm_peak(torch.float32), "bf16": common.gemm_peak(torch.bfloat16)}
-    print(f"GEMM peak (2048^3 matmul, best of 5): fp32 {peaks['fp32']:.0f} GFLOP/s, "
+    print(f"GEMM peak (2048^3, best kernel of 5 runs each): fp32 {peaks['fp32']:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16']:.0f} GFLOP/s")
     print(f"method  : round-robin over {impls}, warm-up {warmup}, timed rounds {reps} (per batch size), "
           f"median; bf16 = torch.autocast('cpu', bfloat16) for the peers, vitkit: {args.vitkit_bf16}; "

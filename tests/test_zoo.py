@@ -172,27 +172,27 @@ def test_attentions_only_when_asked(refs, monkeypatch):
     ref, path = refs("hf_dinov2_reg")
     model = build_model(model_name=path, head=5)
     x = _x(3, 56, 56)
-    calls = {"sdpa": 0, "probs": 0}
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = {"attn": 0, "probs": 0}
+    forward = vitkit.layers.Attention.forward
     probs = vitkit.layers.Attention.attention_probs
 
-    def count_sdpa(*a, **k):
-        calls["sdpa"] += 1
-        return sdpa(*a, **k)
+    def count_forward(self, *a, **k):
+        calls["attn"] += 1
+        return forward(self, *a, **k)
 
     def count_probs(self, *a, **k):
         calls["probs"] += 1
         return probs(self, *a, **k)
 
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", count_sdpa)
+    monkeypatch.setattr(vitkit.layers.Attention, "forward", count_forward)
     monkeypatch.setattr(vitkit.layers.Attention, "attention_probs", count_probs)
     with torch.no_grad():
         before = model(x)
-        assert calls == {"sdpa": 2, "probs": 0}  # fused path only, one SDPA call per block
+        assert calls == {"attn": 2, "probs": 0}  # the fused path only, one attention call per block
         out = model(x, output_attentions=True)
-        assert calls == {"sdpa": 4, "probs": 2}  # the same fused forward plus one map per block
+        assert calls == {"attn": 4, "probs": 2}  # the same fused forward plus one map per block
         after = model(x)
-    assert calls == {"sdpa": 6, "probs": 2}  # back to the fused path alone
+    assert calls == {"attn": 6, "probs": 2}  # back to the fused path alone
     assert torch.equal(before, after) and torch.equal(out["predictions"], before)
     assert set(out) == {"predictions", "attentions"}
     for blk in model.backbone.blocks:  # nothing left behind by the call

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitkit.layers.linear import fusable_activation, linear
+
 
 class QuickGELU(nn.Module):
     """``x * sigmoid(1.702 x)``, the activation of OpenAI CLIP."""
@@ -43,7 +45,12 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim, bias=bias, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        act = fusable_activation(self.act)
+        if act is None:  # e.g. QuickGELU: not an oneDNN post-op
+            h = self.act(linear(x, self.fc1.weight, self.fc1.bias))
+        else:
+            h = linear(x, self.fc1.weight, self.fc1.bias, act)
+        return linear(h, self.fc2.weight, self.fc2.bias)
 
 
 class SwiGLU(nn.Module):
@@ -61,8 +68,8 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden_dim, dim, bias=bias, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(x1) * x2)
+        x1, x2 = linear(x, self.w12.weight, self.w12.bias).chunk(2, dim=-1)
+        return linear(F.silu(x1) * x2, self.w3.weight, self.w3.bias)
 
 
 def swiglu_hidden_dim(dim: int, ratio: float, align: int = 8) -> int:

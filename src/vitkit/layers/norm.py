@@ -14,7 +14,8 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight if self.weight is not None else self.bias
-        if w is None or x.dtype == w.dtype or torch.is_autocast_enabled(x.device.type):
+        if (w is None or x.dtype == w.dtype or torch.is_autocast_enabled(x.device.type)
+                or (x.device.type == "cpu" and x.dtype == torch.bfloat16)):  # CPU kernel: fp32 statistics
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return F.layer_norm(x.to(w.dtype), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
 

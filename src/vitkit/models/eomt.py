@@ -23,6 +23,7 @@ from vitkit.backbones.factory import create_backbone, create_dinov2_encoder
 from vitkit.backbones.vit import VisionTransformer
 from vitkit.errors import ConfigError
 from vitkit.layers import LayerNorm2d
+from vitkit.layers.linear import linear, onednn_applies
 
 
 class ScaleBlock(nn.Module):
@@ -37,7 +38,34 @@ class ScaleBlock(nn.Module):
         self.norm = LayerNorm2d(dim, eps=1e-6, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv2(self.act(self.conv1(x))))
+        if onednn_applies(x, self.conv1.weight):
+            x = self._upsample_gelu_inference(x)
+        else:
+            x = self.act(self.conv1(x))
+        return self.norm(self.conv2(x))
+
+    def _upsample_gelu_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """``GELU(conv1(x))`` for CPU inference: a 2x2, stride-2 transposed convolution maps each input
+        pixel to its own 2x2 output block, so it is one GEMM over pixels ([BHW, C] x [C, 4C]) with the
+        bias and GELU fused into it. Input and output are channels-last (the tokens' own layout)."""
+        B, C, H, W = x.shape
+        w, cout = self.conv1.weight, self.conv1.out_channels  # [C_in, C_out, 2, 2]
+        bias = None if self.conv1.bias is None else self.conv1.bias.repeat(4)
+        y = linear(x.permute(0, 2, 3, 1), w.permute(2, 3, 1, 0).reshape(4 * cout, C), bias, "gelu")
+        y = y.view(B, H, W, 2, 2, cout).transpose(2, 3).reshape(B, 2 * H, 2 * W, cout)
+        return y.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
+
+
+def mask_products(mask_embed: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """``einsum("bqc,bchw->bqhw")``: each query's mask logit at every pixel.
+
+    For CPU inference it runs as one oneDNN GEMM per image against the pixels-major features (the
+    upscaler's LayerNorm2d leaves them channels-last, so no copy is made).
+    """
+    if not onednn_applies(mask_embed, feats):
+        return torch.einsum("bqc,bchw->bqhw", mask_embed, feats)
+    pixels = feats.flatten(2).transpose(1, 2)  # [B, HW, C]
+    return torch.stack([linear(e, p) for e, p in zip(mask_embed, pixels)]).unflatten(-1, feats.shape[-2:])
 
 
 def num_upscale_blocks(patch_size: int, mask_stride: int | None) -> int:
@@ -156,7 +184,7 @@ class EoMT(nn.Module):
             feats = checkpoint(self.upscale, feats, use_reentrant=False)
         else:
             feats = self.upscale(feats)
-        mask_logits = torch.einsum("bqc,bchw->bqhw", self.mask_head(q), feats)
+        mask_logits = mask_products(self.mask_head(q), feats)
         if tuple(mask_logits.shape[-2:]) != tuple(out_size):
             mask_logits = F.interpolate(mask_logits, size=out_size, mode="bilinear", align_corners=False)
         return mask_logits, class_logits
