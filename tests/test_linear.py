@@ -157,22 +157,6 @@ def test_backbone_inference_with_and_without_onednn(onednn_calls, name):
 
 
 @needs_onednn
-def test_eomt_upscaler_as_one_gemm_equals_transposed_convolution(onednn_calls):
-    from vitkit.models.eomt import ScaleBlock
-
-    torch.manual_seed(0)
-    block = ScaleBlock(48)
-    x = torch.randn(2, 5, 7, 48).permute(0, 3, 1, 2)  # tokens' layout: channels-last
-    ref = block(x)  # parameters require grad: the convolution path
-    with torch.no_grad():
-        fast = block(x)
-    assert onednn_calls == ["gelu"]
-    assert fast.shape == ref.shape == (2, 48, 10, 14)
-    assert fast.is_contiguous(memory_format=torch.channels_last)
-    assert (fast - ref).abs().max() < 1e-5
-
-
-@needs_onednn
 def test_eomt_inference_with_and_without_onednn(onednn_calls):
     torch.manual_seed(0)
     model = vitkit.EoMT("dinov3_vits16", num_classes=3, num_q=6, num_blocks=2, img_size=64, embed_dim=64,

@@ -38,22 +38,7 @@ class ScaleBlock(nn.Module):
         self.norm = LayerNorm2d(dim, eps=1e-6, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if onednn_applies(x, self.conv1.weight):
-            x = self._upsample_gelu_inference(x)
-        else:
-            x = self.act(self.conv1(x))
-        return self.norm(self.conv2(x))
-
-    def _upsample_gelu_inference(self, x: torch.Tensor) -> torch.Tensor:
-        """``GELU(conv1(x))`` for CPU inference: a 2x2, stride-2 transposed convolution maps each input
-        pixel to its own 2x2 output block, so it is one GEMM over pixels ([BHW, C] x [C, 4C]) with the
-        bias and GELU fused into it. Input and output are channels-last (the tokens' own layout)."""
-        B, C, H, W = x.shape
-        w, cout = self.conv1.weight, self.conv1.out_channels  # [C_in, C_out, 2, 2]
-        bias = None if self.conv1.bias is None else self.conv1.bias.repeat(4)
-        y = linear(x.permute(0, 2, 3, 1), w.permute(2, 3, 1, 0).reshape(4 * cout, C), bias, "gelu")
-        y = y.view(B, H, W, 2, 2, cout).transpose(2, 3).reshape(B, 2 * H, 2 * W, cout)
-        return y.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
+        return self.norm(self.conv2(self.act(self.conv1(x))))
 
 
 def mask_products(mask_embed: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
@@ -179,7 +164,7 @@ class EoMT(nn.Module):
         q = x[:, :self.num_q]
         class_logits = self.class_head(q)
         patches = x[:, self.num_q + self.encoder.num_prefix_tokens:]
-        feats = patches.transpose(1, 2).reshape(B, -1, *grid)  # NLC -> NCHW
+        feats = patches.transpose(1, 2).reshape(B, -1, *grid)  # NLC -> NCHW view of channels-last memory
         if self.grad_checkpointing and torch.is_grad_enabled():
             feats = checkpoint(self.upscale, feats, use_reentrant=False)
         else:
