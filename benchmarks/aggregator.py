@@ -60,7 +60,7 @@ def child(mode: str, keep: str, frames: int, size: int, threads: int) -> dict[st
     import vitkit
     from eomt import PeakRSS  # one /proc reader for all benchmarks
 
-    common.setup_threads(threads)
+    common.setup_process(threads, tune_allocator=False)  # keep the MALLOC_MMAP_THRESHOLD_ given for memory
     torch.manual_seed(0)
     agg = vitkit.Aggregator(**ARCH, intermediate_layers=[-1] if keep == "last" else None)
     train = mode.startswith("train")
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(mode, keep, int(frames), int(size), args.threads)))
         return 0
 
-    common.setup_threads(args.threads)
+    common.setup_process(args.threads)
     env = common.environment()
     common.print_header(env)
     print(f"model   : Aggregator {ARCH}")

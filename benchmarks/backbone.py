@@ -314,7 +314,7 @@ def print_report(rows: list[dict[str, Any]], impls: list[str], markdown: bool) -
           "('!': some kept calls exceeded --max-foreign)")
     gl = goals(rows)
     if gl:
-        print("\ngoals (vitkit speed / timm speed; fp32 >= 1.0x, bf16 >= 1.5x):")
+        print("\ngoals (vitkit speed / timm speed):")
         for g in gl:
             print(f"  {g['case']:20s} B={g['batch']} {g['dtype']}: {g['vitkit_over_timm']:.2f}x "
                   f"(goal >= {g['target']}x) {g['verdict']}")
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=15, help="ops shown per implementation with --profile")
     args = ap.parse_args(argv)
 
-    common.setup_threads(args.threads)
+    common.setup_process(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     bad = [c for c in cases if c not in CASES]

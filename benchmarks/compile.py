@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dtypes", default="fp32,bf16")
     args = ap.parse_args(argv)
-    common.setup_threads(2)
+    common.setup_process(2)
     warnings.filterwarnings("ignore")
     import vitkit
     from vitkit.layers.precision import cast_for_inference

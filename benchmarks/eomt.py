@@ -66,6 +66,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from vitkit.runtime import tune_cpu_allocator  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 GOALS = {
@@ -126,7 +127,7 @@ def mmap_large_blocks(threshold: int = 128 * 1024):
     try:
         yield
     finally:
-        libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
+        tune_cpu_allocator()
         _malloc_trim()
 
 
@@ -723,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args(argv)
 
-    common.setup_threads(args.threads)
+    common.setup_process(args.threads)
     warnings.filterwarnings("ignore")
     try:
         from transformers.utils import logging as hf_logging

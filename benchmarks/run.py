@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    common.setup_threads(2)
+    common.setup_process(2)
     warnings.filterwarnings("ignore")
     env = common.environment()
     common.print_header(env)

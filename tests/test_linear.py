@@ -169,3 +169,36 @@ def test_eomt_inference_with_and_without_onednn(onednn_calls):
     assert len(masks) == 3 and "gelu" in onednn_calls
     for a, b in zip(masks + classes, ref_masks + ref_classes):
         assert (a - b).abs().max() < 1e-4 * b.abs().max()
+
+
+def test_tune_cpu_allocator_stops_page_faults_on_reused_activations(tmp_path):
+    """With glibc's defaults each forward faults its multi-MB activations in again; tuned, they are reused."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "faults.py"
+    script.write_text(
+        "import resource, sys, torch, vitkit\n"
+        "from vitkit.runtime import tune_cpu_allocator\n"
+        "if sys.argv[1] == 'tuned':\n"
+        "    assert tune_cpu_allocator()\n"
+        "torch.manual_seed(0)\n"
+        "model = vitkit.create_backbone('dinov2_vits14', depth=2, img_size=448).eval()\n"
+        "x = torch.randn(1, 3, 448, 448)\n"
+        "with torch.inference_mode():\n"
+        "    model(x)\n"
+        "    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    for _ in range(3):\n"
+        "        model(x)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) // 3)\n")
+    faults = {mode: int(subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True,
+                                       check=True).stdout.split()[-1]) for mode in ("default", "tuned")}
+    assert faults["default"] > 1000  # pages per forward
+    assert faults["tuned"] < faults["default"] / 10
+
+
+def test_tune_cpu_allocator_rejects_bad_thresholds():
+    from vitkit.runtime import tune_cpu_allocator
+
+    with pytest.raises(ValueError, match="32 MiB"):
+        tune_cpu_allocator(mmap_threshold=64 << 20)

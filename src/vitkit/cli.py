@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     from vitkit.errors import VitkitError
 
     args = build_parser().parse_args(argv)
+    from vitkit.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # a vitkit process: reuse freed activations instead of page-faulting them in again
     try:
         return args.func(args)
     except (VitkitError, FileNotFoundError) as e:

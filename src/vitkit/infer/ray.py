@@ -80,7 +80,9 @@ class _ModelActor:
         import torch
 
         from vitkit.infer.stages import MaskPredictor
+        from vitkit.runtime import tune_cpu_allocator
 
+        tune_cpu_allocator()
         try:
             torch.set_num_interop_threads(1)
         except RuntimeError:
