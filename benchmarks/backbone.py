@@ -376,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vitkit-bf16", choices=("autocast", "cast"), default="cast",
                     help="vitkit's bf16 rows: weights cast once (default) or autocast like the peers")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gemm-peaks", default=None, metavar="FP32,BF16",
+                    help="GFLOP/s measured by the caller (benchmarks/run.py), instead of measuring again")
     ap.add_argument("--max-foreign", type=float, default=0.25,
                     help="discard and repeat timed calls during which other processes used more than this many "
                          "cores (0 disables); also wait up to --idle-wait s for a quiet machine before each setting")
@@ -428,7 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     if args.max_foreign and args.idle_wait:
         common.wait_for_idle(args.max_foreign, max_wait=args.idle_wait)
-    peaks = {"fp32": common.gemm_peak(torch.float32), "bf16": common.gemm_peak(torch.bfloat16)}
+    if args.gemm_peaks:
+        peaks = dict(zip(("fp32", "bf16"), map(float, args.gemm_peaks.split(","))))
+    else:
+        peaks = {"fp32": common.gemm_peak(torch.float32), "bf16": common.gemm_peak(torch.bfloat16)}
     print(f"GEMM peak (2048^3, best kernel of 5 runs each): fp32 {peaks['fp32']:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16']:.0f} GFLOP/s")
     print(f"method  : round-robin over {impls}, warm-up {warmup}, timed rounds {reps} (per batch size), "

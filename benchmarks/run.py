@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         if "backbone" in sections:
             a = ["--batches", "1", "--warmup", "1", "--reps", "3"] if args.quick else \
                 ["--cases", "dinov2_s14reg4_518,dinov2_b14_518,dinov3_s16_640", "--warmup", "1", "--reps", "2"]
+            a += ["--gemm-peaks", f"{gemm['fp32']:.1f},{gemm['bf16']:.1f}"]  # one peak for the whole report
             bb, _, dt = _section("backbone forward", backbone.main, a + ["--idle-wait", "20"] + md, tmp, "backbone")
             res["sections"]["backbone"] = {"seconds": dt, "argv": a, "result": bb}
         if "eomt" in sections:
