@@ -27,7 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=None, help="image size for both models (default 518 / 512)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--freezing", action="store_true",
+                    help="inductor's inference mode: weights become constants, prepacked for oneDNN/MKL")
     args = ap.parse_args(argv)
+    if args.freezing:
+        import torch._inductor.config
+
+        torch._inductor.config.freezing = True
     common.setup_process(2)
     warnings.filterwarnings("ignore")
     import vitkit
