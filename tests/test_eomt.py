@@ -315,3 +315,23 @@ def test_hf_directory_with_default_two_labels(tmp_path):
     transformers.EomtForUniversalSegmentation(cfg).save_pretrained(tmp_path)
     model = vitkit.from_pretrained(tmp_path)
     assert model.num_classes == cfg.num_labels == 2
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_upscaler_runs_channels_last(batch):
+    """Patch tokens are NHWC already: the upscaler gets channel-minor input and keeps channels-last throughout
+    (its convolutions and LayerNorm2d are 4-20x slower on NCHW-contiguous tensors on CPU)."""
+    torch.manual_seed(0)
+    model = vitkit.EoMT("dinov3_vits16", num_classes=2, num_q=4, num_blocks=1, img_size=64, embed_dim=32, depth=2,
+                        num_heads=4).eval()
+    layouts = []
+
+    def record(module, inputs, output):
+        layouts.append((inputs[0].stride(1), output.is_contiguous(memory_format=torch.channels_last)))
+
+    for block in model.upscale:
+        block.register_forward_hook(record)
+    with torch.inference_mode():
+        model(torch.randn(batch, 3, 64, 64))
+    assert len(layouts) == 2 * len(model.upscale)  # one intermediate prediction (masks on) + the final one
+    assert all(channel_stride == 1 and cl_out for channel_stride, cl_out in layouts)
