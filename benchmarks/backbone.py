@@ -324,9 +324,6 @@ def print_report(rows: list[dict[str, Any]], impls: list[str], markdown: bool) -
 # ------------------------------------------------------------------------------------------- profiling
 def profile(cases: list[Case], batch: int, dtypes: list[str], impls: list[str], top: int = 15,
             iters: int = 2) -> dict[str, Any]:
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as tprofile
-
     result: dict[str, Any] = {}
     for case in cases:
         torch.manual_seed(0)
@@ -337,18 +334,7 @@ def profile(cases: list[Case], batch: int, dtypes: list[str], impls: list[str], 
                 run = _runner(built[k][1], x, DTYPES[dt_name])
                 run()
                 run()
-                for _attempt in range(10):  # repeat until other processes stayed (nearly) idle
-                    common.wait_for_idle(max_wait=60)
-                    fl = common.ForeignLoad()
-                    fl.start()
-                    with tprofile(activities=[ProfilerActivity.CPU]) as prof:
-                        t0 = time.perf_counter()
-                        for _ in range(iters):
-                            run()
-                        wall = (time.perf_counter() - t0) / iters
-                    load = fl.stop()
-                    if load < 0.25:
-                        break
+                prof, wall, load = common.profile_calls(run, iters, attempts=10, max_wait=60)
                 ops = common.top_ops(prof, top)
                 key = f"{case.name} B={batch} {dt_name} {k}"
                 result[key] = {"wall_ms_profiled": wall * 1e3, "top_ops": ops, "foreign_load": load}
@@ -424,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         res = profile([CASES[c] for c in cases], batches[0], dtypes, impls, top=args.top)
         if args.json:
-            args.json.write_text(json.dumps({"env": env, "profile": res}, indent=1) + "\n")
+            common.write_json(args.json, {"env": env, "profile": res})
         return 0
 
     t_start = time.perf_counter()
@@ -461,9 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         doc = {"env": env, "gemm_peak_gflops": peaks, "warmup": warmup, "reps": reps, "cases": infos,
                "results": all_rows, "goals": gl, "elapsed_s": elapsed}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"wrote {args.json}")
+        common.write_json(args.json, doc)
     return 0
 
 

@@ -6,6 +6,7 @@ Everything here runs in the calling process; no subprocesses, no network.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import platform
 import shlex
@@ -13,6 +14,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -266,6 +268,38 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], markdown
         out.append("  ".join("-" * w for w in widths))
     out += [line(r) for r in cells[1:]]
     return "\n".join(out)
+
+
+def profile_calls(fn: Callable[[], Any], iters: int, attempts: int = 4, max_foreign: float | None = 0.25,
+                  max_wait: float = 20.0) -> tuple[torch.profiler.profile, float, float]:
+    """Profile ``iters`` calls of ``fn`` (CPU activities); repeat, up to ``attempts`` times after waiting for
+    a quiet machine, while other processes used more than ``max_foreign`` cores. Returns the least contended
+    run as ``(profiler, wall seconds per call, other processes' cores)``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    best = None
+    for _ in range(attempts):
+        wait_for_idle(max_foreign or 0.25, max_wait=max_wait)
+        fl = ForeignLoad()
+        fl.start()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            wall = (time.perf_counter() - t0) / iters
+        load = fl.stop()
+        if best is None or load < best[2]:
+            best = (prof, wall, load)
+        if max_foreign is None or load <= max_foreign:
+            break
+    return best
+
+
+def write_json(path: Path, doc: Any) -> None:
+    """Write a benchmark's results (non-JSON values as strings) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    print(f"wrote {path}")
 
 
 def top_ops(prof: torch.profiler.profile, n: int = 15) -> list[dict[str, Any]]:

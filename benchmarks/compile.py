@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="inductor's inference mode: weights become constants, prepacked for oneDNN/MKL")
     args = ap.parse_args(argv)
     if args.freezing:
-        import torch._inductor.config
+        import torch._inductor.config as inductor_config  # not "import torch.x": that would make torch local
 
-        torch._inductor.config.freezing = True
+        inductor_config.freezing = True
     common.setup_process(2)
     warnings.filterwarnings("ignore")
     import vitkit

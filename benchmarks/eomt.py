@@ -52,7 +52,6 @@ import ctypes
 import gc
 import inspect
 import io
-import json
 import sys
 import tempfile
 import threading
@@ -580,29 +579,7 @@ def _wrap(obj: Any, name: str, label: str) -> None:
 def run_profile(size: int, batch: int, dtypes: list[str], num_q: int, num_classes: int, train_size: int,
                 train_batch: int, num_points: int, top: int, sections: list[str], max_foreign: float | None = 0.25,
                 attempts: int = 4) -> dict[str, Any]:
-    from torch.profiler import ProfilerActivity, profile
-
     result: dict[str, Any] = {}
-
-    def profiled(fn: Callable[[], Any], iters: int) -> tuple[Any, float, float]:
-        """Profile ``iters`` calls; repeat (up to ``attempts`` times) while other processes used more than
-        ``max_foreign`` cores, keeping the least contended run."""
-        best = None
-        for _ in range(attempts):
-            common.wait_for_idle(max_foreign or 0.25, max_wait=20)
-            fl = common.ForeignLoad()
-            fl.start()
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    fn()
-                wall = (time.perf_counter() - t0) / iters
-            load = fl.stop()
-            if best is None or load < best[2]:
-                best = (prof, wall, load)
-            if max_foreign is None or load <= max_foreign:
-                break
-        return best
 
     def show(key: str, prof: Any, wall: float, iters: int, load: float) -> None:
         ops = common.top_ops(prof, top)
@@ -629,7 +606,7 @@ def run_profile(size: int, batch: int, dtypes: list[str], num_q: int, num_classe
             for k in INFER_VARIANTS:
                 run = _runner(fns[k], x, DTYPES[dt_name])
                 run()
-                prof, wall, load = profiled(run, 2)
+                prof, wall, load = common.profile_calls(run, 2, attempts, max_foreign)
                 show(f"infer {size} B={batch} {dt_name} {k}", prof, wall, 2, load)
         del fns, hf, vk, hf_off, vk_off
     if "train" in sections:
@@ -643,7 +620,7 @@ def run_profile(size: int, batch: int, dtypes: list[str], num_q: int, num_classe
         _wrap(vk, "attn_mask", "vitkit.attn_mask")
         for k in ("hf", "vitkit"):
             steps[k]()
-            prof, wall, load = profiled(steps[k], 1)
+            prof, wall, load = common.profile_calls(steps[k], 1, attempts, max_foreign)
             show(f"train {train_size} B={train_batch} fp32 {k}", prof, wall, 1, load)
     return result
 
@@ -765,8 +742,7 @@ def main(argv: list[str] | None = None) -> int:
         res = run_profile(cases[0][0], cases[0][1], dtypes, args.num_q, args.num_classes, train_size,
                           args.train_batch, args.num_points, args.top, sections, args.max_foreign or None)
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"env": env, "profile": res}, indent=1) + "\n")
+            common.write_json(args.json, {"env": env, "profile": res})
         return 0
     print(f"method  : ViT-S/16 EoMT, Q={args.num_q}, C={args.num_classes}, 3 query blocks; round-robin, warm-up {w}, "
           f"median of timed rounds; bf16 = torch.autocast('cpu', bfloat16) (vitkit: {args.vitkit_bf16}); "
@@ -810,9 +786,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {g['what']}: {val} (goal {g['goal']}) {'MET' if g['met'] else 'NOT met'}")
     print(f"\ntotal benchmark time {elapsed:.0f} s")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-        print(f"wrote {args.json}")
+        common.write_json(args.json, doc)
     return 0
 
 

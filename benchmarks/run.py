@@ -138,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n=== summary (ratios: > 1 means vitkit is faster; memory: vitkit / HF)")
     print(common.format_table(["goal", "measured", "target", ""], table, markdown=args.markdown))
     print(f"\ntotal {res['elapsed_s']:.0f} s; GEMM peak fp32 {gemm['fp32']:.0f} / bf16 {gemm['bf16']:.0f} GFLOP/s")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(res, indent=1, default=str) + "\n")
-    print(f"wrote {args.json}")
+    common.write_json(args.json, res)
     return 0
 
 
