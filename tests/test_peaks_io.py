@@ -176,10 +176,13 @@ def test_csv_round_trip(tmp_path):
     peaks = [np.array([[1.25, 2.5, 1e5 / 3]], dtype=np.float32), np.zeros((0, 3)), np.array([[3.0, 4.0, 5.0]])]
     path = write_csv(tmp_path / "peaks.csv", (p for p in peaks))  # any iterable
     lines = path.read_text().splitlines()
-    assert lines[0] == "frame,y,x,intensity" and lines[2] == "2,3,4,5"
+    assert lines[0] == "frame,panel,fs,ss,slab_fs,slab_ss,x_lab,y_lab,intensity,npix,max_value"
+    assert lines[2] == "2,0,4,3,4,3,,,5,0,"  # plain (y, x, I) rows: panel 0, no geometry -> empty lab columns
     back = read_csv_peaks(path, n_frames=4)
-    assert len(back) == 4 and back[1].shape == (0, 3) and back[3].shape == (0, 3)
-    np.testing.assert_array_equal(back[0], peaks[0])
+    assert len(back) == 4 and len(back[1]) == 0 and len(back[3]) == 0
+    got = back[0][["ss", "fs", "intensity"]][0]
+    assert tuple(np.float32(v) for v in got.tolist()) == tuple(peaks[0][0])  # 9 digits: float32 exact
+    assert np.isnan(back[0]["x_lab"][0])
 
 
 def test_overlay_png(tmp_path, frames):
@@ -311,9 +314,9 @@ def test_unsupported_and_missing(tmp_path, frames):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "rgb.png")
     with pytest.raises(UnsupportedFormatError, match="single-channel"):
         open_frames(tmp_path / "rgb.png")
-    np.save(tmp_path / "4d.npy", np.zeros((2, 2, 4, 4), np.float32))
-    with pytest.raises(UnsupportedFormatError, match=r"\(N\*P, H, W\)"):
-        open_frames(tmp_path / "4d.npy")
+    np.save(tmp_path / "5d.npy", np.zeros((2, 2, 2, 4, 4), np.float32))
+    with pytest.raises(UnsupportedFormatError, match=r"panel stacks \(N, P, H, W\)"):
+        open_frames(tmp_path / "5d.npy")
     np.save(tmp_path / "small.npy", np.zeros((1, 4, 4), np.float32))
     np.save(tmp_path / "big.npy", np.zeros((1, 5, 5), np.float32))
     with pytest.raises(UnsupportedFormatError, match="different frame shapes"):

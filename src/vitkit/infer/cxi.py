@@ -104,7 +104,7 @@ class OrderedCXIWriter:
         for j, (i, a) in enumerate(items):
             m = len(a)
             npk[j], idx[j] = m, i
-            arr[:, j, :m] = a.T
+            arr[:, j, :m] = a["slab_ss"], a["slab_fs"], a["intensity"]
         for d in self._d.values():
             d.resize(n0 + k, axis=0)
         self._d["nPeaks"][n0:] = npk

@@ -26,12 +26,13 @@ def window_starts(length: int, window: int, min_overlap: float = 0.0) -> list[in
 
 @torch.no_grad()
 def semantic_inference(model, images: torch.Tensor, window: tuple[int, int] | None = None,
-                       overlap: float = 0.25, batch_size: int = 8) -> torch.Tensor:
+                       overlap: float = 0.25, batch_size: int = 32) -> torch.Tensor:
     """Semantic class scores [B, C, H, W] for frames of any size, at native resolution.
 
     Frames larger than the window (default: the model's ``img_size``) are tiled into overlapping windows
     whose scores are averaged where they overlap; smaller sides are zero-padded bottom/right and cropped
-    back. Nothing is resized, so few-pixel structures keep their size.
+    back. Nothing is resized, so few-pixel structures keep their size. The windows of all B frames go
+    through the model together, ``batch_size`` at a time (16 detector panels are one batch stream).
     """
     if images.ndim != 4:
         raise InputError(f"expected images [B, C, H, W], got shape {tuple(images.shape)}")
@@ -42,22 +43,22 @@ def semantic_inference(model, images: torch.Tensor, window: tuple[int, int] | No
         images = F.pad(images, (0, pw, 0, ph))
     Hp, Wp = images.shape[-2:]
     ys, xs = window_starts(Hp, wh, overlap), window_starts(Wp, ww, overlap)
-    boxes = [(y, x) for y in ys for x in xs]
-    out = None
+    boxes = [(b, y, x) for b in range(B) for y in ys for x in xs]
     count = images.new_zeros(1, 1, Hp, Wp)
-    for y, x in boxes:
-        count[..., y:y + wh, x:x + ww] += 1
-    for b in range(B):
-        crops = torch.stack([images[b, :, y:y + wh, x:x + ww] for y, x in boxes])
-        for s in range(0, len(boxes), batch_size):
-            masks, classes = model(crops[s:s + batch_size])
-            probs = semantic_probs(masks[-1], classes[-1]).float()
-            if probs.shape[-2:] != (wh, ww):
-                probs = F.interpolate(probs, size=(wh, ww), mode="bilinear", align_corners=False)
-            if out is None:
-                out = images.new_zeros(B, probs.shape[1], Hp, Wp, dtype=torch.float32)
-            for j, (y, x) in enumerate(boxes[s:s + batch_size]):
-                out[b, :, y:y + wh, x:x + ww] += probs[j]
+    for y in ys:
+        for x in xs:
+            count[..., y:y + wh, x:x + ww] += 1
+    out = None
+    for s in range(0, len(boxes), batch_size):
+        chunk = boxes[s:s + batch_size]
+        masks, classes = model(torch.stack([images[b, :, y:y + wh, x:x + ww] for b, y, x in chunk]))
+        probs = semantic_probs(masks[-1], classes[-1]).float()
+        if probs.shape[-2:] != (wh, ww):
+            probs = F.interpolate(probs, size=(wh, ww), mode="bilinear", align_corners=False)
+        if out is None:
+            out = images.new_zeros(B, probs.shape[1], Hp, Wp, dtype=torch.float32)
+        for j, (b, y, x) in enumerate(chunk):
+            out[b, :, y:y + wh, x:x + ww] += probs[j]
     out = out / count
     return out[..., :H, :W]
 

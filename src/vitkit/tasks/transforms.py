@@ -17,6 +17,34 @@ def instance_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (x - mean) / (std + eps)
 
 
+def robust_normalise(x: torch.Tensor, good: torch.Tensor | None = None, samples: int = 16384) -> torch.Tensor:
+    """Detector-panel normalisation: ``asinh((x - median) / scale)`` per image over its good pixels.
+
+    ``x`` is ``[..., H, W]`` (each ``[H, W]`` normalised on its own), ``good`` a bool mask of the same shape
+    (True = good pixel) or None. ``scale = 1.4826 * MAD`` (the noise sigma for Gaussian noise), floored at
+    ``1e-3 * (1 + |median|)``. Median and MAD are estimated on at most ``samples`` good pixels taken on a
+    fixed stride, so one frame costs the same whatever its size. Unlike mean/std normalisation, a saturated
+    hot pixel or a bright Bragg peak does not change the scale of the rest of the panel, and ``asinh`` keeps
+    noise ~ linear while compressing peaks spanning five decades. Bad pixels come out as 0 (the background
+    level), so they carry no signal into the model.
+    """
+    shape = x.shape
+    flat = x.reshape(-1, shape[-2] * shape[-1]).float()
+    g = None if good is None else good.reshape(flat.shape).to(flat.device, torch.bool)
+    step = max(1, flat.shape[1] // samples)
+    sub = flat[:, ::step]
+    if g is not None:
+        sub = torch.where(g[:, ::step], sub, torch.full_like(sub, float("nan")))
+    med = torch.nanmedian(sub, dim=1, keepdim=True).values
+    med = torch.nan_to_num(med, nan=0.0)  # an image without good pixels
+    mad = torch.nanmedian((sub - med).abs(), dim=1, keepdim=True).values
+    scale = torch.nan_to_num(1.4826 * mad, nan=1.0).clamp_min(1e-3 * (1 + med.abs()))
+    out = torch.asinh((flat - med) / scale)
+    if g is not None:
+        out = out.masked_fill(~g, 0.0)
+    return out.reshape(shape)
+
+
 def pad_to(x: torch.Tensor, H: int, W: int, style: str = "bottom-right", value: float = 0.0) -> torch.Tensor:
     """Pad the last two axes to at least H x W (``bottom-right`` or ``center``)."""
     h, w = x.shape[-2:]

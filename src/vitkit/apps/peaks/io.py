@@ -121,7 +121,7 @@ class FrameSource:
 
     path: str = ""
     has_labels: bool = False
-    frame_shape: tuple[int, int] | None = None
+    frame_shape: tuple[int, ...] | None = None
     check_finite: bool = True
 
     def __len__(self) -> int:
@@ -187,14 +187,16 @@ class FrameSource:
                 f"labels={self.has_labels})")
 
 
-def _frames_shape(shape: tuple[int, ...], what: str) -> tuple[int, int, int]:
+def _frames_shape(shape: tuple[int, ...], what: str) -> tuple[int, ...]:
+    """``(N, *frame_shape)``: ``(H, W)`` is one frame, ``(N, H, W)`` frames or slabs, ``(N, P, H, W)`` panel
+    stacks (psana's layout; read them with a detector geometry, :class:`EventSource`)."""
     if len(shape) == 2:
         return (1, *shape)
-    if len(shape) == 3:
-        return tuple(shape)  # type: ignore[return-value]
+    if len(shape) in (3, 4):
+        return tuple(shape)
     raise UnsupportedFormatError(
-        f"{what}: expected frames (N, H, W) or one frame (H, W), found shape {tuple(shape)}. Merge panel "
-        "stacks (N, P, H, W) to (N*P, H, W) or assemble them first.")
+        f"{what}: expected frames (N, H, W), one frame (H, W) or panel stacks (N, P, H, W), found shape "
+        f"{tuple(shape)}.")
 
 
 def _check_label_shape(img_shape, lab_shape, what: str,
@@ -225,9 +227,9 @@ class ZarrSource(FrameSource):
                 f"{self.path}: no array {self.key!r} in this zarr store; it has {names or 'no arrays'}. "
                 "Pass key=<name of the image array> (PeakNet stores use 'images').", names)
         img = self._array(self.key)
-        self._n, h, w = _frames_shape(img.shape, f"{self.path}/{self.key}")
+        self._n, *fshape = _frames_shape(img.shape, f"{self.path}/{self.key}")
         self._squeeze = img.ndim == 2
-        self.frame_shape = (h, w)
+        self.frame_shape = tuple(fshape)
         # zarr reads a missing chunk as the fill value: a truncated copy would silently yield blank frames
         try:
             have, want = img.nchunks_initialized, img.nchunks
@@ -342,9 +344,9 @@ class H5Source(FrameSource):
                 "key=<one of these>.", datasets)
         self.key = "/" + key.lstrip("/")
         ds = f[self.key]
-        self._n, h, w = _frames_shape(ds.shape, f"{self.path}:{self.key}")
+        self._n, *fshape = _frames_shape(ds.shape, f"{self.path}:{self.key}")
         self._squeeze = ds.ndim == 2
-        self.frame_shape = (h, w)
+        self.frame_shape = tuple(fshape)
         if label_key is False:
             self.label_key = None
         elif label_key is None:
@@ -423,9 +425,9 @@ class NpySource(FrameSource):
         self.path = str(path)
         self.check_finite = check_finite
         self._arr = self._load(self.path)
-        self._n, h, w = _frames_shape(self._arr.shape, self.path)
+        self._n, *fshape = _frames_shape(self._arr.shape, self.path)
         self._squeeze = self._arr.ndim == 2
-        self.frame_shape = (h, w)
+        self.frame_shape = tuple(fshape)
         self._lab = None
         if labels is not None:
             self._lab = self._load(str(labels))
@@ -772,52 +774,59 @@ def write_zarr(path: str | os.PathLike, images, labels=None, metadata: dict | Se
     return Path(path)
 
 
-def _peak_rows(p, what: str) -> np.ndarray:
-    if hasattr(p, "detach"):
-        p = p.detach().cpu().numpy()
-    a = np.asarray(p, dtype=np.float64)
-    if a.size == 0:
-        return np.zeros((0, 3))
-    if a.ndim != 2 or a.shape[1] not in (2, 3):
-        raise InputError(f"{what}: expected peaks [n, 3] (y, x, intensity) or [n, 2] (y, x), found shape {a.shape}.")
-    if a.shape[1] == 2:
-        a = np.concatenate([a, np.zeros((len(a), 1))], axis=1)
-    return a
+def _peak_table(p, what: str) -> np.ndarray:
+    from vitkit.apps.peaks.peakfind import as_peak_table
+
+    try:
+        return as_peak_table(p)
+    except InputError as e:
+        raise InputError(f"{what}: {e}") from None
 
 
 def cxi_peak_rows(p, what: str, max_peaks: int) -> np.ndarray:
-    """One frame's peaks as ``[n, 3]`` float64 rows ``(y, x, intensity)`` for a CXI row of width ``max_peaks``:
-    ``[n, 2]`` gets intensity 0; more than ``max_peaks`` keeps the brightest, in their original order."""
-    a = _peak_rows(p, what)
-    if len(a) > max_peaks:
-        a = a[np.sort(np.argsort(-a[:, 2], kind="stable")[:max_peaks])]
-    return a
+    """One frame's peaks (a peak table, or ``[n, 2|3]`` rows ``(y, x[, intensity])``) as a peak table of at
+    most ``max_peaks`` rows: more keeps the brightest, in their original order."""
+    t = _peak_table(p, what)
+    if len(t) > max_peaks:
+        t = t[np.sort(np.argsort(-t["intensity"], kind="stable")[:max_peaks])]
+    return t
 
 
 def cxi_result_group(f):
     """Write ``/cxi_version`` into an open h5py file and create the CrystFEL peak-list group."""
     f.create_dataset("cxi_version", data=np.int32(150))
     r = f.require_group(CXI_RESULT)
-    r.attrs["coordinates"] = "pixel centres at integer (y=slow scan, x=fast scan); NumPy convention"
+    r.attrs["coordinates"] = ("slab pixels (y = slow scan, x = fast scan), pixel centres at integers (NumPy); "
+                              "indexamajig adds CrystFEL's half pixel itself")
     return r
 
 
+CXI_PEAK_COLUMNS = (("peakXPosRaw", "slab_fs"), ("peakYPosRaw", "slab_ss"), ("peakTotalIntensity", "intensity"),
+                    ("peakNPixels", "npix"), ("peakMaximumValue", "max_value"))
+
+
 def write_cxi(path: str | os.PathLike, peaks_per_frame: Sequence, frames=None, max_peaks: int = 2048,
-              compression: str | None = None) -> Path:
+              compression: str | None = None, event_ids: Sequence | None = None) -> Path:
     """Write peak lists (and optionally the frames) as a CXI file for CrystFEL/Cheetah, atomically.
 
-    Layout (CrystFEL's ``peak_list = /entry_1/result_1``, ``peak_list_type = cxi``)::
+    Layout (CrystFEL's ``peak_list = /entry_1/result_1``, ``peak_list_type = cxi``; ``indexamajig
+    --peaks=cxi`` with the detector's ``.geom``)::
 
-        /cxi_version                        int32 150
-        /entry_1/result_1/nPeaks            int32   [N]
-        /entry_1/result_1/peakXPosRaw       float32 [N, max_peaks]  x (fast scan), zero padded
-        /entry_1/result_1/peakYPosRaw       float32 [N, max_peaks]  y (slow scan)
-        /entry_1/result_1/peakTotalIntensity float32 [N, max_peaks] integrated intensity
-        /entry_1/data_1/data                float32 [N, H, W]       only if frames are given, chunks (1, H, W)
+        /cxi_version                          int32 150
+        /entry_1/result_1/nPeaks              int32   [N]
+        /entry_1/result_1/peakXPosRaw         float32 [N, max_peaks]  slab fast scan, zero padded
+        /entry_1/result_1/peakYPosRaw         float32 [N, max_peaks]  slab slow scan
+        /entry_1/result_1/peakTotalIntensity  float32 [N, max_peaks]  integrated intensity
+        /entry_1/result_1/peakNPixels         float32 [N, max_peaks]  pixels per peak (0 if unknown)
+        /entry_1/result_1/peakMaximumValue    float32 [N, max_peaks]  brightest pixel
+        /entry_1/data_1/data                  float32 [N, SS, FS]     only if frames are given, chunks (1, SS, FS)
+        /entry_1/event_id                     int64/str [N]           only if event_ids are given
 
     Args:
-        peaks_per_frame: per frame, ``[n, 3]`` ``(y, x, intensity)`` (or ``[n, 2]``: intensity 0).
-        frames: optional ``[N, H, W]`` array or any indexable of ``[H, W]`` frames (e.g. a FrameSource).
+        peaks_per_frame: per frame, a peak table (:data:`~vitkit.apps.peaks.peakfind.PEAK_DTYPE`; its
+            ``slab_fs`` / ``slab_ss`` are written) or ``[n, 3]`` ``(y, x, intensity)`` slab rows (``[n, 2]``:
+            intensity 0).
+        frames: optional ``[N, SS, FS]`` slabs or any indexable of ``[SS, FS]`` frames (e.g. a FrameSource).
         max_peaks: width of the peak arrays; a frame with more peaks keeps the ``max_peaks`` brightest (in
             their original order) and ``nPeaks = max_peaks``.
         compression: h5py compression for the frames (``"gzip"`` is readable everywhere; default none).
@@ -829,26 +838,28 @@ def write_cxi(path: str | os.PathLike, peaks_per_frame: Sequence, frames=None, m
     n = len(peaks_per_frame)
     if frames is not None and len(frames) != n:
         raise InputError(f"write_cxi: {len(frames)} frames but {n} peak lists; expected one peak list per frame.")
+    if event_ids is not None and len(event_ids) != n:
+        raise InputError(f"write_cxi: {len(event_ids)} event ids but {n} peak lists; expected one per frame.")
     npk = np.zeros(n, dtype=np.int32)
-    xs = np.zeros((n, max_peaks), dtype=np.float32)
-    ys = np.zeros((n, max_peaks), dtype=np.float32)
-    it = np.zeros((n, max_peaks), dtype=np.float32)
+    cols = {name: np.zeros((n, max_peaks), dtype=np.float32) for name, _ in CXI_PEAK_COLUMNS}
     for i, p in enumerate(peaks_per_frame):
-        a = cxi_peak_rows(p, f"write_cxi(peaks_per_frame[{i}])", max_peaks)
-        k = len(a)
-        npk[i] = k
-        ys[i, :k], xs[i, :k], it[i, :k] = a[:, 0], a[:, 1], a[:, 2]
+        t = cxi_peak_rows(p, f"write_cxi(peaks_per_frame[{i}])", max_peaks)
+        npk[i] = len(t)
+        for name, field in CXI_PEAK_COLUMNS:
+            cols[name][i, :len(t)] = np.nan_to_num(t[field], nan=0.0)
     with _atomic(path) as tmp:
         with h5py.File(tmp, "w") as f:
             r = cxi_result_group(f)
             r.create_dataset("nPeaks", data=npk)
-            r.create_dataset("peakXPosRaw", data=xs)
-            r.create_dataset("peakYPosRaw", data=ys)
-            r.create_dataset("peakTotalIntensity", data=it)
+            for name, data in cols.items():
+                r.create_dataset(name, data=data)
+            if event_ids is not None:
+                ids = np.asarray(event_ids)
+                f["/entry_1"].create_dataset("event_id", data=ids.astype("S") if ids.dtype.kind in "UO" else ids)
             if frames is not None and n:
                 first = np.asarray(frames[0], dtype=np.float32)
                 if first.ndim != 2:
-                    raise InputError(f"write_cxi: expected frames [N, H, W], found a frame of shape {first.shape}.")
+                    raise InputError(f"write_cxi: expected frames [N, SS, FS], found a frame of shape {first.shape}.")
                 h, w = first.shape
                 d = f.require_group("/entry_1/data_1").create_dataset(
                     "data", shape=(n, h, w), dtype=np.float32, chunks=(1, h, w), compression=compression)
@@ -862,8 +873,8 @@ def write_cxi(path: str | os.PathLike, peaks_per_frame: Sequence, frames=None, m
 
 
 def read_cxi_peaks(path: str | os.PathLike, result: str = CXI_RESULT) -> list[np.ndarray]:
-    """Peak lists ``[n_i, 3]`` float32 ``(y, x, intensity)`` from a CXI file written by :func:`write_cxi`
-    (or Cheetah/psocake)."""
+    """Peak lists ``[n_i, 3]`` float32 ``(y, x, intensity)`` in slab coordinates from a CXI file written by
+    :func:`write_cxi` (or Cheetah/psocake)."""
     src = H5Source.__new__(H5Source)  # reuse the open/error handling without requiring a frames dataset
     src.path, src._file, src._pid = str(path), None, None
     f = src._open()
@@ -883,33 +894,56 @@ def read_cxi_peaks(path: str | os.PathLike, result: str = CXI_RESULT) -> list[np
     return [np.stack([ys[i, :k], xs[i, :k], it[i, :k]], axis=1).astype(np.float32) for i, k in enumerate(npk)]
 
 
-def write_csv(path: str | os.PathLike, peaks_per_frame: Iterable) -> Path:
-    """Write peaks as CSV with header ``frame,y,x,intensity`` (one row per peak), atomically.
+CSV_COLUMNS = ("frame", "panel", "fs", "ss", "slab_fs", "slab_ss", "x_lab", "y_lab", "intensity", "npix",
+               "max_value")
 
-    ``peaks_per_frame`` may be any iterable (e.g. a generator over a long run); frames without peaks have no
-    rows. Values are written with 9 significant digits (float32 round trip).
+
+def write_csv(path: str | os.PathLike, peaks_per_frame: Iterable) -> Path:
+    """Write peaks as CSV, one row per peak, atomically, with the header
+    ``frame,panel,fs,ss,slab_fs,slab_ss,x_lab,y_lab,intensity,npix,max_value``: ``fs``/``ss`` panel-local and
+    ``slab_fs``/``slab_ss`` slab pixels (NumPy pixel-centre convention), ``x_lab``/``y_lab`` lab-frame
+    **metres** (empty without a geometry), as in :data:`~vitkit.apps.peaks.peakfind.PEAK_DTYPE`.
+
+    ``peaks_per_frame`` may be any iterable (e.g. a generator over a long run) of peak tables or ``[n, 3]``
+    ``(y, x, intensity)`` rows; frames without peaks have no rows. Floats keep 9 significant digits
+    (float32 round trip; lab metres to 1e-9 relative).
     """
+    def fmt(v) -> str:
+        return "" if v != v else f"{v:.9g}"
+
     with _atomic(path) as tmp:
         with open(tmp, "w", newline="") as f:
             wr = csv.writer(f)
-            wr.writerow(["frame", "y", "x", "intensity"])
+            wr.writerow(CSV_COLUMNS)
             for i, p in enumerate(peaks_per_frame):
-                for y, x, v in _peak_rows(p, f"write_csv(peaks_per_frame[{i}])"):
-                    wr.writerow([i, f"{y:.9g}", f"{x:.9g}", f"{v:.9g}"])
+                for r in _peak_table(p, f"write_csv(peaks_per_frame[{i}])"):
+                    wr.writerow([i, int(r["panel"]), fmt(r["fs"]), fmt(r["ss"]), fmt(r["slab_fs"]), fmt(r["slab_ss"]),
+                                 fmt(r["x_lab"]), fmt(r["y_lab"]), fmt(r["intensity"]), int(r["npix"]),
+                                 fmt(r["max_value"])])
     return Path(path)
 
 
 def read_csv_peaks(path: str | os.PathLike, n_frames: int | None = None) -> list[np.ndarray]:
-    """Peak lists from a :func:`write_csv` file; ``n_frames`` pads with empty lists for trailing frames."""
+    """Peak tables from a :func:`write_csv` file, one per frame; ``n_frames`` pads with empty tables."""
+    from vitkit.apps.peaks.peakfind import empty_peaks
+
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    if not rows or [c.strip() for c in rows[0]] != ["frame", "y", "x", "intensity"]:
-        raise UnsupportedFormatError(f"{path}: expected the header 'frame,y,x,intensity', found "
-                                     f"{rows[0] if rows else 'an empty file'}.")
-    data = np.array([[float(c) for c in r] for r in rows[1:] if r], dtype=np.float64).reshape(-1, 4)
+    if not rows or tuple(c.strip() for c in rows[0]) != CSV_COLUMNS:
+        raise UnsupportedFormatError(f"{path}: expected the header {','.join(CSV_COLUMNS)}, found "
+                                     f"{','.join(rows[0]) if rows else 'an empty file'}.")
+    data = np.array([[float(c) if c != "" else np.nan for c in r] for r in rows[1:] if r],
+                    dtype=np.float64).reshape(-1, len(CSV_COLUMNS))
     frame = data[:, 0].astype(np.int64)
     n = max(int(frame.max()) + 1 if len(frame) else 0, n_frames or 0)
-    return [data[frame == i, 1:].astype(np.float32) for i in range(n)]
+    out = []
+    for i in range(n):
+        sel = data[frame == i]
+        t = empty_peaks(len(sel))
+        for j, name in enumerate(CSV_COLUMNS[1:], start=1):
+            t[name] = sel[:, j]
+        out.append(t)
+    return out
 
 
 def save_overlay_png(path: str | os.PathLike, frame, peaks, true_peaks=None, radius: float = 6.0,
@@ -939,8 +973,8 @@ def save_overlay_png(path: str | os.PathLike, frame, peaks, true_peaks=None, rad
     for pts, color, style, label in ((true_peaks, "lime", "--", "true"), (peaks, "red", "-", "found")):
         if pts is None:
             continue
-        a = _peak_rows(pts, f"save_overlay_png({label})")
-        circles = [Circle((x, y), radius) for y, x, _ in a]
+        t = _peak_table(pts, f"save_overlay_png({label})")
+        circles = [Circle((x, y), radius) for y, x in zip(t["ss"], t["fs"])]
         ax.add_collection(PatchCollection(circles, facecolor="none", edgecolor=color, linestyle=style,
                                           linewidth=0.8))
     ax.set_xlim(-0.5, w - 0.5)

@@ -31,9 +31,40 @@ from scipy.sparse.csgraph import connected_components
 
 from vitkit.errors import InputError
 
-__all__ = ["find_peaks", "peaks_per_frame", "label_components", "logits_to_mask"]
+__all__ = ["PEAK_DTYPE", "empty_peaks", "as_peak_table", "find_peaks", "measure_components", "peaks_per_frame", "label_components", "logits_to_mask"]
 
 _SPARSE_MAX_FILL = 0.05
+
+PEAK_DTYPE = np.dtype([("panel", np.int32), ("fs", np.float64), ("ss", np.float64), ("slab_fs", np.float64),
+                       ("slab_ss", np.float64), ("x_lab", np.float64), ("y_lab", np.float64),
+                       ("intensity", np.float64), ("npix", np.int32), ("max_value", np.float64)])
+"""A peak table row (:mod:`vitkit.apps.peaks.finder` documents the fields)."""
+
+
+def empty_peaks(n: int = 0) -> np.ndarray:
+    """A peak table of ``n`` zeroed rows."""
+    return np.zeros(n, dtype=PEAK_DTYPE)
+
+
+def as_peak_table(p) -> np.ndarray:
+    """A peak table from a table (returned as is) or ``[n, 2|3]`` rows ``(y, x[, intensity])`` of one frame
+    (panel 0; slab = panel coordinates; lab coordinates and ``max_value`` NaN, ``npix`` 0)."""
+    if isinstance(p, np.ndarray) and p.dtype == PEAK_DTYPE:
+        return p
+    if hasattr(p, "detach"):
+        p = p.detach().cpu().numpy()
+    a = np.asarray(p, dtype=np.float64)
+    if a.size == 0:
+        return empty_peaks()
+    if a.ndim != 2 or a.shape[1] not in (2, 3):
+        raise InputError(f"expected a peak table or peaks [n, 3] (y, x, intensity) / [n, 2] (y, x), found shape "
+                         f"{a.shape}.")
+    t = empty_peaks(len(a))
+    t["ss"] = t["slab_ss"] = a[:, 0]
+    t["fs"] = t["slab_fs"] = a[:, 1]
+    t["intensity"] = a[:, 2] if a.shape[1] == 3 else 0.0
+    t["x_lab"] = t["y_lab"] = t["max_value"] = np.nan
+    return t
 
 
 def _structure(connectivity: int) -> np.ndarray:
@@ -108,6 +139,39 @@ def label_components(mask: np.ndarray, connectivity: int = 8,
     return flat, rank[comp], int(n)
 
 
+def measure_components(mask: np.ndarray, image: np.ndarray, min_pixels: int = 1, connectivity: int = 8,
+                       method: Literal["auto", "ndimage", "sparse"] = "auto") -> dict[str, np.ndarray]:
+    """Per connected component of ``mask``: centroid ``y``, ``x`` (intensity-weighted, weights
+    ``max(image, 0)``; the unweighted mean when they sum to 0), ``intensity`` (sum of ``image``), ``npix`` and
+    ``max_value``, each an array over the components (first pixel, raster order) with at least
+    ``min_pixels`` pixels. Only mask pixels enter any value: pass ``mask & good`` and a masked pixel never
+    contributes to a centroid or an intensity."""
+    mask, image = _as_mask_image(mask, image)
+    flat, comp, n = label_components(mask, connectivity, method)
+    w = mask.shape[1]
+    y, x = np.divmod(flat, w)
+    val = image.ravel()[flat].astype(np.float64)
+    wt = np.maximum(val, 0.0)
+    cnt = np.bincount(comp, minlength=n).astype(np.float64)
+    sw = np.bincount(comp, wt, minlength=n)
+    weighted = sw > 0
+    out = {}
+    for name, coord in (("y", y), ("x", x)):
+        c = coord.astype(np.float64)
+        mean = np.bincount(comp, c, minlength=n) / np.maximum(cnt, 1)
+        cw = np.bincount(comp, wt * c, minlength=n)
+        out[name] = np.where(weighted, cw / np.where(weighted, sw, 1.0), mean)
+    out["intensity"] = np.bincount(comp, val, minlength=n)
+    out["npix"] = cnt.astype(np.int64)
+    mx = np.full(n, -np.inf)
+    np.maximum.at(mx, comp, val)
+    out["max_value"] = mx
+    if min_pixels > 1:
+        keep = cnt >= min_pixels
+        out = {k: v[keep] for k, v in out.items()}
+    return out
+
+
 def find_peaks(mask: np.ndarray, image: np.ndarray, min_pixels: int = 1, connectivity: int = 8,
                method: Literal["auto", "ndimage", "sparse"] = "auto") -> np.ndarray:
     """Peaks of one frame from its segmentation mask.
@@ -120,32 +184,11 @@ def find_peaks(mask: np.ndarray, image: np.ndarray, min_pixels: int = 1, connect
         method: labelling back-end (module docstring); results do not depend on it.
 
     Returns:
-        float64 ``[n, 3]`` rows ``(y, x, integrated_intensity)``: the intensity-weighted centroid with weights
-        ``max(image, 0)`` (the unweighted pixel mean when a component's weights sum to 0) and the sum of
-        ``image`` (unclipped) over the component. Rows follow the component order (first pixel, raster).
-        NaN pixels in a component make its row NaN (:func:`vitkit.apps.peaks.open_frames` rejects such frames).
+        float64 ``[n, 3]`` rows ``(y, x, integrated_intensity)`` from :func:`measure_components`. NaN pixels in
+        a component make its row NaN (:func:`vitkit.apps.peaks.open_frames` rejects such frames).
     """
-    mask, image = _as_mask_image(mask, image)
-    flat, comp, n = label_components(mask, connectivity, method)
-    if n == 0:
-        return np.zeros((0, 3), dtype=np.float64)
-    w = mask.shape[1]
-    y, x = np.divmod(flat, w)
-    val = image.ravel()[flat].astype(np.float64)
-    wt = np.maximum(val, 0.0)
-    cnt = np.bincount(comp, minlength=n).astype(np.float64)
-    sw = np.bincount(comp, wt, minlength=n)
-    out = np.empty((n, 3), dtype=np.float64)
-    weighted = sw > 0
-    for j, coord in enumerate((y, x)):
-        c = coord.astype(np.float64)
-        mean = np.bincount(comp, c, minlength=n) / cnt
-        cw = np.bincount(comp, wt * c, minlength=n)
-        out[:, j] = np.where(weighted, cw / np.where(weighted, sw, 1.0), mean)
-    out[:, 2] = np.bincount(comp, val, minlength=n)
-    if min_pixels > 1:
-        out = out[cnt >= min_pixels]
-    return out
+    c = measure_components(mask, image, min_pixels, connectivity, method)
+    return np.stack([c["y"], c["x"], c["intensity"]], axis=1).reshape(-1, 3)
 
 
 def peaks_per_frame(masks: Iterable[np.ndarray], images: Iterable[np.ndarray], min_peaks: int = 0,

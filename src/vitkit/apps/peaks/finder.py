@@ -1,0 +1,355 @@
+"""Peak finding on detector events: the one inference path of the peaks app.
+
+``PeakFinder`` takes events as they come off a detector -- psana panel stacks ``[P, H, W]`` (or batches
+``[N, P, H, W]``), CrystFEL slabs ``[SS, FS]``, or plain single-panel frames -- and returns one typed peak
+table per event. Every panel goes through the model as it is (no padding of 16 panels into one image):
+the panels of all events in a call are normalised one by one (:func:`vitkit.tasks.transforms.robust_normalise`
+over their good pixels), tiled into the model's window and batched together. A bad pixel (the mask, the
+geometry's bad regions) is zero in the model input, is never part of a peak and never enters a centroid or
+an intensity; a peak never spans two panels.
+
+Peak tables are NumPy structured arrays of :data:`PEAK_DTYPE`:
+
+=============== ===================================================================================
+``panel``       panel index (the detector's panel order; psana stack index for built-in layouts)
+``fs``, ``ss``  panel-local position, NumPy pixel-centre convention (pixel ``[i, j]`` centre = ``(i, j)``)
+``slab_fs``,    position in the CrystFEL slab (``panel min_fs/min_ss`` + panel-local): what CXI's
+``slab_ss``     ``peakXPosRaw`` / ``peakYPosRaw`` hold
+``x_lab``,      lab-frame position in metres (CrystFEL's frame: beam along +z through (0, 0); the half
+``y_lab``       pixel of CrystFEL's corner convention applied). NaN when no geometry was given
+``intensity``   sum of the raw pixel values over the peak's pixels (ADU, no background subtraction)
+``npix``        number of pixels in the peak
+``max_value``   brightest raw pixel of the peak
+=============== ===================================================================================
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitkit.apps.peaks.detector import Detector, DetectorShapeError, load_detector
+from vitkit.apps.peaks.peakfind import PEAK_DTYPE, empty_peaks, measure_components
+from vitkit.errors import CheckpointError, InputError
+
+__all__ = ["PEAK_DTYPE", "PeakFinder", "empty_peaks", "load_model", "read_mask", "bad_region_mask",
+           "EventSource", "event_peaks"]
+
+MODEL_CONFIG_KEY = "vitkit_model_config"
+
+
+# ------------------------------------------------------------------------------------------- model
+def load_model(checkpoint: str | Path):
+    """An EoMT from a training run: a run directory, a Lightning ``.ckpt`` or an exported model dir."""
+    from hydra.utils import instantiate
+
+    import vitkit
+    from vitkit.tasks.train.distributed import is_sharded_checkpoint, load_full_state_dict
+
+    path = Path(checkpoint)
+    if path.is_dir() and (path / "model" / "config.json").exists():
+        return vitkit.from_pretrained(path / "model")
+    if path.is_dir() and (path / "config.json").exists():
+        return vitkit.from_pretrained(path)
+    if path.is_dir() and not is_sharded_checkpoint(path):
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint}: pass a run directory, a .ckpt file or a "
+                                f"model directory written by vitkit")
+    if is_sharded_checkpoint(path):  # FSDP: a directory of shards
+        ckpt = load_full_state_dict(path)
+    else:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if MODEL_CONFIG_KEY not in ckpt:
+        raise CheckpointError(f"{path} was not written by `vitkit train` (no {MODEL_CONFIG_KEY})")
+    cfg = dict(ckpt[MODEL_CONFIG_KEY])
+    cfg["pretrained"] = False  # the checkpoint carries the trained weights
+    model = instantiate(cfg)
+    sd = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def _run_dir(checkpoint: str | Path) -> Path | None:
+    path = Path(checkpoint)
+    for cand in (path, path.parent, path.parent.parent):
+        if (cand / "detector.geom").exists():
+            return cand
+    return None
+
+
+# ------------------------------------------------------------------------------------------- masks
+def bad_region_mask(detector: Detector) -> np.ndarray:
+    """Good-pixel mask ``[P, H, W]`` (True = good) of the geometry's bad regions (``badNAME/...``)."""
+    stack = detector.stack_shape
+    good = np.ones(stack, dtype=bool)
+    for r in detector.bad_regions:
+        if r.min_fs is not None:
+            for k, p in enumerate(detector.panels):
+                if r.panel is not None and r.panel != p.name:
+                    continue
+                f0, f1 = max(r.min_fs, p.min_fs), min(r.max_fs, p.max_fs)
+                s0, s1 = max(r.min_ss, p.min_ss), min(r.max_ss, p.max_ss)
+                if f0 <= f1 and s0 <= s1:
+                    good[k, s0 - p.min_ss:s1 - p.min_ss + 1, f0 - p.min_fs:f1 - p.min_fs + 1] = False
+        else:
+            for k, p in enumerate(detector.panels):
+                if r.panel is not None and r.panel != p.name:
+                    continue
+                xyz = detector.pixel_xyz(k) * p.res  # lab pixels
+                inside = ((xyz[..., 0] >= r.min_x) & (xyz[..., 0] <= r.max_x) & (xyz[..., 1] >= r.min_y)
+                          & (xyz[..., 1] <= r.max_y))
+                good[k] &= ~inside
+    return good
+
+
+def _read_array(path: str, key: str | None) -> np.ndarray:
+    """A whole array from .npy / HDF5 / zarr (errors name the file)."""
+    from vitkit.apps.peaks.io import FramesNotFoundError, H5Source, NpySource, ZarrSource, _kind
+
+    if not os.path.exists(path):
+        raise FramesNotFoundError(f"mask file {path} does not exist.")
+    kind = _kind(path)
+    if kind == "npy":
+        return np.asarray(NpySource._load(path))
+    if kind == "hdf5":
+        src = H5Source.__new__(H5Source)
+        src.path, src._file, src._pid = path, None, None
+        f = src._open()
+        try:
+            names = src._datasets(f)
+            if key is None:
+                key = next((k for k in ("/data/data", "/mask", "/data", "/entry_1/data_1/mask") if k.lstrip("/") in names),
+                           names[0] if len(names) == 1 else None)
+            if key is None or key.lstrip("/") not in names:
+                from vitkit.apps.peaks.io import DatasetKeyError
+
+                raise DatasetKeyError(f"{path}: no mask dataset {key!r}; the file has {src._listing(f, names)}. "
+                                      f"Pass --mask-key <dataset>.", names)
+            return np.asarray(f[key][()])
+        finally:
+            src.close()
+    if kind == "zarr":
+        src = ZarrSource.__new__(ZarrSource)
+        src.path, src._group, src._pid = path, None, None
+        g = src._open()
+        names = src._names(g)
+        key = key or ("mask" if "mask" in names else (names[0] if len(names) == 1 else None))
+        if key is None or key not in names:
+            from vitkit.apps.peaks.io import DatasetKeyError
+
+            raise DatasetKeyError(f"{path}: no mask array {key!r}; the store has {names}.", names)
+        return np.asarray(g[key][...])
+    raise InputError(f"{path}: a mask must be .npy, HDF5 or zarr, found a {kind} file.")
+
+
+def read_mask(path: str | os.PathLike, detector: Detector, key: str | None = None, good_bits: int | None = None,
+              bad_bits: int | None = None) -> np.ndarray:
+    """A bad-pixel mask file as a good-pixel mask ``[P, H, W]`` (True = good), in stack or slab layout.
+
+    Which values mean good: with neither ``good_bits`` nor ``bad_bits`` (psana, psocake, Cheetah's
+    ``pixelmask`` convention) non-zero = good, 0 = bad. Otherwise CrystFEL's rule: a pixel is good when all
+    ``good_bits`` are set and none of ``bad_bits`` is (``mask_good = 0x0000``, ``mask_bad = 0xffff``: 0 = good).
+    The geometry's ``mask_good`` / ``mask_bad`` are used when the arguments are None and it has them.
+    """
+    path = os.fspath(path)
+    a = _read_array(path, key)
+    if good_bits is None and bad_bits is None:
+        good_bits, bad_bits = detector.mask_good, detector.mask_bad
+    if a.dtype == bool:
+        good = a if not bad_bits else ~a
+    elif good_bits is None and bad_bits is None:
+        good = a != 0
+    else:
+        if not np.issubdtype(a.dtype, np.integer):
+            raise InputError(f"{path}: mask bits (good {good_bits}, bad {bad_bits}) need an integer mask, found "
+                             f"{a.dtype}.")
+        g = int(good_bits or 0)
+        good = ((a & g) == g) & ((a & int(bad_bits or 0)) == 0)
+    try:
+        return detector.to_panels(good, f"mask {path}")[0] if good.ndim < 4 else good[0]
+    except DetectorShapeError as e:
+        raise DetectorShapeError(f"{e} A mask has one value per pixel of one event.") from None
+
+
+# ------------------------------------------------------------------------------------------- events
+class EventSource:
+    """Detector events ``[P, H, W]`` float32 from a :class:`~vitkit.apps.peaks.io.FrameSource` of stacks
+    ``(N, P, H, W)``, slabs ``(N, SS, FS)`` or one stack ``(P, H, W)``, checked against ``detector``.
+
+    Non-finite pixels are allowed on bad pixels (``good`` False, where psana may write NaN); anywhere else
+    they raise :class:`~vitkit.apps.peaks.io.NaNFrameError` naming the file and the event.
+    """
+
+    def __init__(self, frames, detector: Detector, good: np.ndarray | None = None):
+        from vitkit.apps.peaks.io import FramesNotFoundError
+
+        self.frames, self.detector, self.good = frames, detector, good
+        self.path = frames.path
+        frames.check_finite = False
+        for s in getattr(frames, "sources", []):
+            s.check_finite = False
+        if len(frames) == 0:
+            raise FramesNotFoundError(f"{self.path}: the file holds no frames; expected detector events.")
+        fshape = tuple(frames.frame_shape or ())
+        stack, slab = detector.stack_shape, detector.slab_shape
+        self.single_stack = len(fshape) == 2 and (len(frames), *fshape) == stack and fshape != slab
+        ok = (len(fshape) == 3 and fshape == stack) or (len(fshape) == 2 and fshape == slab) or self.single_stack
+        if not ok:
+            n = "N" if len(frames) != 1 else "1"
+            raise DetectorShapeError(
+                f"{self.path}: frames of shape {fshape} ({len(frames)} of them) do not fit the detector "
+                f"{detector._where()}: expected [{n}, {', '.join(map(str, stack))}] panel stacks or "
+                f"[{n}, {slab[0]}, {slab[1]}] slabs. Check --geometry (the file's detector has "
+                f"{len(detector)} panels of {stack[1]} x {stack[2]}).")
+
+    def __len__(self) -> int:
+        return 1 if self.single_stack else len(self.frames)
+
+    def describe(self, i: int) -> str:
+        return self.path if self.single_stack else self.frames.describe(i)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        from vitkit.apps.peaks.io import NaNFrameError
+
+        raw = self.frames[:] if self.single_stack else self.frames[i]
+        ev = self.detector.to_panels(raw, self.describe(i))[0].astype(np.float32, copy=False)
+        bad = ~np.isfinite(ev)
+        if bad.any():
+            unmasked = bad if self.good is None else bad & self.good
+            if unmasked.any():
+                raise NaNFrameError(
+                    f"{self.describe(i)} has {int(unmasked.sum())} NaN/inf pixel(s) on good pixels (of {ev.size}, "
+                    f"shape {ev.shape}); expected finite values. Mask them (--mask) or replace them.", frame=i)
+            ev = np.where(bad, 0.0, ev).astype(np.float32)
+        return ev
+
+
+# ------------------------------------------------------------------------------------------- peaks
+def event_peaks(detector: Detector | None, event: np.ndarray, mask: np.ndarray, min_pixels: int = 1,
+                max_peaks: int | None = 2048, min_peaks: int = 0) -> np.ndarray:
+    """Peak table of one event from its peak mask ``[P, H, W]`` (already AND-ed with the good pixels):
+    8-connected components per panel, intensity-weighted centroids and sums on the raw event."""
+    from vitkit.apps.peaks.peakfind import measure_components
+
+    parts = []
+    for k in range(event.shape[0]):
+        c = measure_components(mask[k], event[k], min_pixels=min_pixels)
+        t = empty_peaks(len(c["y"]))
+        t["panel"], t["fs"], t["ss"] = k, c["x"], c["y"]
+        t["intensity"], t["npix"], t["max_value"] = c["intensity"], c["npix"], c["max_value"]
+        if detector is not None:
+            p = detector.panels[k]
+            t["slab_fs"], t["slab_ss"] = t["fs"] + p.min_fs, t["ss"] + p.min_ss
+            xyz = detector.lab_xyz(k, t["fs"], t["ss"])
+            t["x_lab"], t["y_lab"] = xyz[:, 0], xyz[:, 1]
+        else:
+            t["slab_fs"], t["slab_ss"] = t["fs"], t["ss"]
+            t["x_lab"] = t["y_lab"] = np.nan
+        parts.append(t)
+    table = np.concatenate(parts) if parts else empty_peaks()
+    if len(table) < min_peaks:
+        return table[:0]
+    if max_peaks is not None and len(table) > max_peaks:
+        table = table[np.sort(np.argsort(-table["intensity"], kind="stable")[:max_peaks])]
+    return table
+
+
+class PeakFinder:
+    """A trained model plus a detector: events in, peak tables out.
+
+    Args:
+        model: a trained :class:`vitkit.EoMT` (eval mode is set).
+        detector: a :class:`Detector`, a ``.geom`` path or a built-in name; None: each event is a single
+            panel of whatever shape it has (lab coordinates NaN).
+        good: good-pixel mask ``[P, H, W]`` (True = good; any layout :meth:`Detector.to_panels` accepts) or a
+            mask file path (:func:`read_mask`); the geometry's bad regions are always applied.
+        device: torch device of the model.
+        overlap: sliding-window overlap inside a panel; batch_size: windows per forward pass.
+        min_pixels, min_peaks, max_peaks: peak filters (per peak; per event: fewer than ``min_peaks`` -> none,
+            more than ``max_peaks`` -> the brightest).
+
+    Usage::
+
+        finder = PeakFinder.from_run("runs/x", geometry="det.geom", mask="mask.h5")
+        for event in events:                      # [P, H, W] from psana, a file, a socket
+            peaks = finder(event)[0]              # structured array: panel, fs, ss, x_lab, y_lab, intensity...
+    """
+
+    def __init__(self, model, detector=None, good=None, device: str | torch.device = "cpu", overlap: float = 0.25,
+                 batch_size: int = 32, min_pixels: int = 2, min_peaks: int = 0, max_peaks: int | None = 2048):
+        self.model = model.eval().to(device)
+        self.device = torch.device(device)
+        self.detector = None if detector is None else load_detector(detector)
+        self.overlap, self.batch_size = overlap, batch_size
+        self.min_pixels, self.min_peaks, self.max_peaks = min_pixels, min_peaks, max_peaks
+        self.good = None
+        if self.detector is not None:
+            if isinstance(good, (str, os.PathLike)):
+                good = read_mask(good, self.detector)
+            elif good is not None:
+                good = self.detector.to_panels(np.asarray(good, dtype=bool), "mask")[0]
+            regions = bad_region_mask(self.detector)
+            self.good = regions if good is None else (good & regions)
+        elif good is not None:
+            self.good = np.asarray(good, dtype=bool)
+            self.good = self.good[None] if self.good.ndim == 2 else self.good
+
+    @classmethod
+    def from_run(cls, run: str | os.PathLike, geometry=None, mask=None, **kwargs: Any) -> PeakFinder:
+        """A finder from a ``vitkit train`` run (directory, ``.ckpt`` or exported model). ``geometry``
+        defaults to the run's ``detector.geom``."""
+        if geometry is None and (run_dir := _run_dir(run)) is not None:
+            geometry = run_dir / "detector.geom"
+        return cls(load_model(run), geometry, mask, **kwargs)
+
+    def _events(self, events) -> np.ndarray:
+        a = events if isinstance(events, np.ndarray) else np.asarray(events)
+        if self.detector is not None:
+            return self.detector.to_panels(a, "events")
+        if a.ndim == 2:
+            return a[None, None]
+        if a.ndim == 3:
+            return a[:, None]
+        if a.ndim == 4:
+            return a
+        raise InputError(f"PeakFinder: expected an event [P, H, W], events [N, P, H, W] or frames [N, H, W], "
+                         f"found shape {a.shape}.")
+
+    @torch.no_grad()
+    def masks(self, events) -> np.ndarray:
+        """Peak masks ``[N, P, H, W]`` bool of raw events (the model's peak class, AND the good pixels)."""
+        from vitkit.tasks.postprocess import semantic_inference
+        from vitkit.tasks.transforms import robust_normalise
+
+        ev = self._events(events)
+        n, p, h, w = ev.shape
+        good = None
+        if self.good is not None:
+            if self.good.shape != (p, h, w):
+                raise DetectorShapeError(f"PeakFinder: the mask has shape {self.good.shape}, the events "
+                                         f"{(p, h, w)}; expected one mask value per pixel of an event.")
+            good = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(self.good, ev.shape)))
+        x = torch.from_numpy(np.ascontiguousarray(ev, dtype=np.float32)).reshape(n * p, 1, h, w)
+        x = robust_normalise(x, None if good is None else good.reshape(n * p, 1, h, w)).to(self.device)
+        probs = semantic_inference(self.model, x, overlap=self.overlap, batch_size=self.batch_size)
+        out = (probs[:, 1] > probs[:, 0]).cpu().numpy().reshape(n, p, h, w)
+        if good is not None:
+            out &= good.numpy()
+        return out
+
+    def peaks(self, events, masks: np.ndarray) -> list[np.ndarray]:
+        ev = self._events(events)
+        return [event_peaks(self.detector, e, m, self.min_pixels, self.max_peaks, self.min_peaks)
+                for e, m in zip(ev, masks)]
+
+    def __call__(self, events) -> list[np.ndarray]:
+        """Peak tables (:data:`PEAK_DTYPE`), one per event, of an event ``[P, H, W]`` or events ``[N, P, H, W]``
+        (slabs, or frames ``[N, H, W]`` without a detector)."""
+        ev = self._events(events)
+        return self.peaks(ev, self.masks(ev))
+
