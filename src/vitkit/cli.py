@@ -82,22 +82,69 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _frames_from_inputs(inputs: list[str], key: str | None):
-    from vitkit.apps.peaks.io import open_frames
+def _open_inputs(args: argparse.Namespace, finder) -> object:
+    """The events to predict: files opened lazily, read through the detector geometry when there is one.
 
-    return open_frames(inputs if len(inputs) > 1 else inputs[0], key=key)
+    Without ``--geometry`` the run's ``detector.geom`` is used when the files fit it; files of single frames
+    that do not fit it are read as one-panel events (the old single-frame use)."""
+    from vitkit.apps.peaks.detector import DetectorShapeError
+    from vitkit.apps.peaks.finder import EventSource
+    from vitkit.apps.peaks.io import UnsupportedFormatError, open_frames
+
+    frames = open_frames(args.inputs if len(args.inputs) > 1 else args.inputs[0], key=args.key)
+    if finder.detector is None:
+        if frames.frame_shape is not None and len(frames.frame_shape) != 2:
+            raise UnsupportedFormatError(f"{frames.path}: frames of shape {frames.frame_shape} are panel stacks; "
+                                         "pass --geometry FILE.geom (or a built-in name, e.g. epix10k2m).")
+        return frames
+    try:
+        return EventSource(frames, finder.detector, finder.good)
+    except DetectorShapeError:
+        if args.geometry or args.mask or (frames.frame_shape is not None and len(frames.frame_shape) != 2):
+            raise
+        finder.detector = None  # the run's detector does not describe these single frames
+        return frames
+
+
+def _finder(args: argparse.Namespace):
+    from vitkit.apps.peaks.finder import PeakFinder
+
+    kw = dict(overlap=args.overlap)
+    if args.command == "predict":
+        kw.update(min_pixels=args.min_pixels, min_peaks=args.min_peaks, max_peaks=args.max_peaks)
+    finder = PeakFinder.from_run(args.checkpoint, geometry=args.geometry, **kw)
+    if args.mask:
+        if finder.detector is None:
+            from vitkit.errors import InputError
+
+            raise InputError(f"--mask {args.mask} needs a detector geometry: pass --geometry (the run has none).")
+        from vitkit.apps.peaks.finder import read_mask
+
+        good = read_mask(args.mask, finder.detector, args.mask_key, _bits(args.mask_good), _bits(args.mask_bad))
+        finder.good = good if finder.good is None else finder.good & good
+    elif finder.detector is not None and finder.detector.mask_file and args.geometry:
+        from vitkit.apps.peaks.finder import read_mask
+
+        mask_file = Path(finder.detector.mask_file)
+        if not mask_file.is_absolute():
+            mask_file = Path(args.geometry).parent / mask_file
+        finder.good &= read_mask(mask_file, finder.detector, finder.detector.mask)
+    return finder
+
+
+def _bits(v: str | None) -> int | None:
+    return None if v is None else int(v, 0)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from vitkit.apps.peaks.job import load_model, predict
+    from vitkit.apps.peaks.job import predict
 
-    model = load_model(args.checkpoint)
-    frames = _frames_from_inputs(args.inputs, args.key)
+    finder = _finder(args)
+    events = _open_inputs(args, finder)
     out = Path(args.out)
-    res = predict(model, frames, out, overlap=args.overlap, min_peaks=args.min_peaks, max_peaks=args.max_peaks,
-                  min_pixels=args.min_pixels, overlays=args.overlays, write_frames=args.write_frames)
+    res = predict(finder, events, out, overlays=args.overlays, write_frames=args.write_frames)
     n = sum(len(p) for p in res["peaks"])
-    print(f"{len(res['peaks'])} frames, {n} peaks -> {out / 'peaks.cxi'}, {out / 'peaks.csv'}")
+    print(f"{len(res['peaks'])} events, {n} peaks -> {out / 'peaks.cxi'}, {out / 'peaks.csv'}")
     print(out)
     return 0
 
@@ -106,21 +153,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     from vitkit.apps.peaks.datamodule import make_source
-    from vitkit.apps.peaks.job import evaluate, format_metrics, load_model, predict, truth_of, write_json
+    from vitkit.apps.peaks.job import evaluate, format_metrics, predict, truth_of, write_json
 
-    model = load_model(args.checkpoint)
+    finder = _finder(args)
     if args.inputs:
-        frames = _frames_from_inputs(args.inputs, args.key)
-    else:  # the held-out synthetic frames of the run
+        events = _open_inputs(args, finder)
+    else:  # the held-out data of the run
         run = Path(args.checkpoint)
         run = run if run.is_dir() else run.parent.parent
         cfg = OmegaConf.load(run / "config.yaml")
-        frames = make_source("test", **OmegaConf.to_container(cfg.data, resolve=True))
-    true_masks, true_peaks = truth_of(frames)
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+        if data.get("source") == "lattice":
+            data["detector"] = finder.detector
+        events = make_source("test", **{k: v for k, v in data.items() if k not in ("crop", "polar_crop_sigma")})
+    true_masks, true_peaks = truth_of(events)
     out = Path(args.out)
-    res = predict(model, frames, out, overlap=args.overlap, overlays=0)
+    res = predict(finder, events, out, overlays=0, keep_masks=True)
     metrics = evaluate(res["masks"], res["peaks"], true_masks, true_peaks, radius=args.radius)
-    metrics["num_frames"] = len(frames)
+    metrics["num_frames"] = len(events)
     write_json(out / "metrics.json", metrics)
     print(format_metrics(metrics))
     print(out / "metrics.json")
@@ -190,12 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="zarr / HDF5 / CXI / .npy / PNG / TIFF files, globs or a CSV list"
                        + (" (default: the run's held-out synthetic frames)" if name == "evaluate" else ""))
         p.add_argument("--out", default="predictions" if name == "predict" else "evaluation")
-        p.add_argument("--key", help="HDF5 dataset (default /entry_1/data_1/data)")
+        p.add_argument("--key", help="HDF5 dataset (default /entry_1/data_1/data) or zarr array of the frames")
+        p.add_argument("--geometry", help="detector: a CrystFEL .geom file or a built-in layout (epix10k2m, "
+                                          "jungfrau4m, cspad, single:HxW); default: the run's detector.geom")
+        p.add_argument("--mask", help="bad-pixel mask (.npy / HDF5 / zarr; stack [P, H, W] or slab [SS, FS]); "
+                                      "default: non-zero = good (psana), or the --mask-good/--mask-bad bits")
+        p.add_argument("--mask-key", help="dataset/array of the mask in an HDF5 file or zarr store")
+        p.add_argument("--mask-good", help="CrystFEL mask_good bits: good pixels have all of them set (e.g. 0x1)")
+        p.add_argument("--mask-bad", help="CrystFEL mask_bad bits: pixels with any of them set are bad (e.g. 0xffff "
+                                          "for 0 = good)")
         p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
         if name == "predict":
             p.add_argument("--min-peaks", type=int, default=0, help="frames with fewer peaks report none")
             p.add_argument("--max-peaks", type=int, default=2048, help="keep at most this many (brightest)")
-            p.add_argument("--min-pixels", type=int, default=1, help="smallest peak (pixels)")
+            p.add_argument("--min-pixels", type=int, default=2, help="smallest peak (pixels)")
             p.add_argument("--overlays", type=int, default=4, help="overlay PNGs to write")
             p.add_argument("--write-frames", action="store_true", help="also store the frames in the CXI")
             p.set_defaults(func=cmd_predict)

@@ -3,7 +3,9 @@
 Follows Mask2Former / official EoMT: matching costs on ``num_points`` uniformly random points; mask
 losses on importance-sampled points (oversample x3, 75 % most uncertain by -|logit|, 25 % random);
 no-object class weight 0.1; class/mask/dice weights 2/5/5; deep supervision over every per-layer
-output; the number of target masks averaged over all ranks (and clamped to >= 1).
+output; the number of target masks averaged over all ranks (and clamped to >= 1). A target may carry
+``valid`` [H, W] (bool, True = counts): mask BCE and dice then ignore sampled points on invalid pixels
+(detector bad pixels), so the model is neither rewarded nor punished for what it predicts there.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import nn
 
 from vitkit.errors import InputError
 
-Target = dict[str, torch.Tensor]  # {"masks": [K, H, W] bool/float, "labels": [K] int64}
+Target = dict[str, torch.Tensor]  # {"masks": [K, H, W] bool/float, "labels": [K] int64, "valid": [H, W] bool?}
 
 
 def sample_points(x: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
@@ -154,9 +156,20 @@ class MaskClassificationLoss(nn.Module):
             labels = torch.cat([sample_points(t["masks"][tgt][:, None].to(pred.dtype),
                                               coords[int(off):int(off) + len(tgt)], self.target_sampling)
                                 for t, (_, tgt), off in zip(targets, indices, _offsets(indices))])[:, 0]
+            weight = None
+            if any("valid" in t for t in targets):  # bad pixels: no loss at points that land on them
+                weight = torch.cat([
+                    sample_points(_valid_of(t, pred)[None, None].expand(len(tgt), -1, -1, -1),
+                                  coords[int(off):int(off) + len(tgt)], "nearest")
+                    for t, (_, tgt), off in zip(targets, indices, _offsets(indices))])[:, 0]
         logits = sample_points(pred, coords)[:, 0]
-        loss_mask = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1).sum() / num_masks
+        bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
         probs = logits.sigmoid()
+        if weight is None:
+            loss_mask = bce.mean(1).sum() / num_masks
+        else:
+            loss_mask = ((bce * weight).sum(1) / weight.sum(1).clamp_min(1)).sum() / num_masks
+            probs, labels = probs * weight, labels * weight
         dice = 1 - (2 * (probs * labels).sum(-1) + 1) / (probs.sum(-1) + labels.sum(-1) + 1)
         loss_dice = dice.sum() / num_masks
         target_classes = torch.full(class_logits.shape[:2], self.num_classes, dtype=torch.int64,
@@ -170,7 +183,8 @@ class MaskClassificationLoss(nn.Module):
                 targets: Sequence[Target]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         check_targets(targets, mask_logits_per_layer[-1].shape[0], self.num_classes)
         device = mask_logits_per_layer[-1].device
-        targets = [{"masks": t["masks"].to(device), "labels": t["labels"].to(device).long()} for t in targets]
+        targets = [{"masks": t["masks"].to(device), "labels": t["labels"].to(device).long(),
+                    **({"valid": t["valid"].to(device)} if t.get("valid") is not None else {})} for t in targets]
         num_masks = num_masks_across_ranks(targets, device)
         terms: dict[str, torch.Tensor] = {}
         total = mask_logits_per_layer[-1].new_zeros(())
@@ -181,6 +195,14 @@ class MaskClassificationLoss(nn.Module):
                 terms[key + suffix] = value
                 total = total + self.weights[key] * value
         return total, terms
+
+
+def _valid_of(t: Target, like: torch.Tensor) -> torch.Tensor:
+    """A target's ``valid`` map [H, W] (True = pixel counts in the mask losses) as floats; all ones if absent."""
+    v = t.get("valid")
+    if v is None:
+        return torch.ones(t["masks"].shape[-2:], dtype=like.dtype, device=like.device)
+    return v.to(like.dtype)
 
 
 def _offsets(indices: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[int]:

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from vitkit.tasks.transforms import crop_at, instance_normalise, pad_to, polar_center_crop_box
+from vitkit.tasks.transforms import crop_at, pad_to, polar_center_crop_box, random_crop_box, robust_normalise
 
 
 class EpochSeededSampler(DistributedSampler):
@@ -50,13 +50,23 @@ class EpochSeededSampler(DistributedSampler):
 
 
 class CropDataset(Dataset):
-    """Wraps a frame source: pads to the crop, takes a (polar centre | fixed centre) crop, normalises.
+    """Wraps a frame or panel source: normalises the whole frame, pads to the crop, takes a crop.
 
-    ``source[i]`` must return a dict with ``image`` ([H, W] or [1, H, W]) and ``label`` ([H, W]).
+    ``source[i]`` returns a dict with ``image`` ([H, W] or [1, H, W]) and ``label`` ([H, W]), optionally
+    ``good`` ([H, W] bool, the bad-pixel mask: True = good) and ``peaks`` ([n, 2+] ``(ss, fs, ...)``).
+    The frame is normalised as inference normalises a panel (:func:`robust_normalise` over its good pixels,
+    bad pixels 0) before it is cropped, so training crops see exactly what the model sees at inference.
+    Crop placement: with ``sigma`` set, PeakNet's polar centre crop (single frames around the beam centre),
+    except that with probability ``peak_bias`` the crop is centred on a random true peak (panels where peaks
+    are sparse); ``sigma=None`` (evaluation): a deterministic centre crop. Items are ``image`` [1, h, w]
+    float32, ``label`` [h, w] int64 and ``valid`` [h, w] bool (False on bad pixels and padding: the loss
+    ignores them).
     """
 
-    def __init__(self, source, crop: tuple[int, int], sigma: float | None = 0.33, seed: int = 0):
+    def __init__(self, source, crop: tuple[int, int], sigma: float | None = 0.33, seed: int = 0,
+                 peak_bias: float = 0.0, uniform: bool = False):
         self.source, self.crop, self.sigma, self.seed = source, tuple(crop), sigma, seed
+        self.peak_bias, self.uniform = peak_bias, uniform
 
     def __len__(self) -> int:
         return len(self.source)
@@ -67,42 +77,70 @@ class CropDataset(Dataset):
         image = torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32)
         image = image[None] if image.ndim == 2 else image
         label = torch.as_tensor(np.asarray(item["label"]), dtype=torch.int64)
+        good = item.get("good")
+        valid = torch.ones(label.shape, dtype=torch.bool) if good is None else torch.as_tensor(np.asarray(good))
+        image = robust_normalise(image, valid[None])
         H, W = self.crop
-        image, label = pad_to(image, H, W), pad_to(label, H, W)
         h, w = image.shape[-2:]
+        image, label, valid = pad_to(image, H, W), pad_to(label, H, W), pad_to(valid, H, W, value=False)
+        hp, wp = image.shape[-2:]
         if self.sigma is None:  # evaluation: deterministic centre crop
-            top, left = (h - H) // 2, (w - W) // 2
+            top, left = (hp - H) // 2, (wp - W) // 2
         else:
             g = torch.Generator().manual_seed(self.seed * 7_368_787 + key)
-            top, left = polar_center_crop_box(h, w, H, W, self.sigma, g)
-        image, label = crop_at(image, top, left, H, W), crop_at(label, top, left, H, W)
-        return {"image": instance_normalise(image), "label": (label > 0).long()}
+            peaks = item.get("peaks")
+            u = float(torch.rand(1, generator=g))
+            if peaks is not None and len(peaks) and u < self.peak_bias:
+                j = int(torch.randint(0, len(peaks), (1,), generator=g))
+                cy, cx = (float(v) for v in np.asarray(peaks)[j, :2])
+                jy, jx = (torch.rand(2, generator=g) - 0.5).tolist()  # the peak anywhere in the middle half
+                top = int(round(min(max(cy - H / 2 + jy * H / 2, 0), hp - H)))
+                left = int(round(min(max(cx - W / 2 + jx * W / 2, 0), wp - W)))
+            elif self.uniform:
+                top, left = random_crop_box(hp, wp, H, W, g)
+            else:
+                top, left = polar_center_crop_box(h, w, H, W, self.sigma, g)
+        return {"image": crop_at(image, top, left, H, W), "label": (crop_at(label, top, left, H, W) > 0).long(),
+                "valid": crop_at(valid, top, left, H, W)}
 
 
 class PeakDataModule(L.LightningDataModule):
-    """Train / validation / held-out test frames for peak segmentation.
+    """Train / validation / held-out test data for peak segmentation.
 
     Args:
-        source: ``"synthetic"`` (built-in, seeded) or ``"files"`` (``train``/``val``/``test`` paths,
-            globs or CSV lists of zarr stores with labels).
+        source: ``"lattice"`` (simulated lattice stills on a detector, :mod:`.lattice`: training and validation
+            items are panels, held-out items whole shots), ``"synthetic"`` (single frames of random peaks,
+            :mod:`.synthetic`) or ``"files"`` (``train``/``val``/``test`` paths, globs or CSV lists of zarr
+            stores with labels).
+        detector: for ``lattice``: a built-in name or ``.geom`` path (the run keeps it as ``detector.geom``).
         frame_shape: synthetic frame size; crop: training crop (= the model's img_size).
         polar_crop_sigma: spread of the crop centre around the beam centre (PeakNet); None = centre crop.
-        num_train, num_val, num_test: synthetic split sizes (disjoint seeds).
+        peak_bias: probability that a training crop is centred on a random true peak (lattice panels).
+        num_train, num_val, num_test: split sizes (panels / panels / shots for ``lattice``; disjoint seeds).
+        lattice, synth: overrides of :class:`~.lattice.LatticeConfig` / :class:`~.synthetic.SynthConfig`.
     """
 
     def __init__(self, source: str = "synthetic", frame_shape: tuple[int, int] = (128, 128),
                  crop: tuple[int, int] = (64, 64), polar_crop_sigma: float | None = 0.33, num_train: int = 512,
                  num_val: int = 16, num_test: int = 16, seed: int = 0, batch_size: int = 8, num_workers: int = 0,
                  train: str | None = None, val: str | None = None, test: str | None = None, key: str | None = None,
-                 synth: dict[str, Any] | None = None):
+                 synth: dict[str, Any] | None = None, detector: str | None = None, peak_bias: float = 0.0,
+                 lattice: dict[str, Any] | None = None):
         super().__init__()
-        if source not in ("synthetic", "files"):
-            raise ValueError(f"data.source must be 'synthetic' or 'files', got {source!r}")
+        if source not in ("lattice", "synthetic", "files"):
+            raise ValueError(f"data.source must be 'lattice', 'synthetic' or 'files', got {source!r}")
         if source == "files" and not train:
             raise ValueError("data.source=files needs data.train (a path, glob or CSV of zarr stores)")
+        self.detector = None
+        if source == "lattice":
+            from vitkit.apps.peaks.detector import load_detector
+
+            self.detector = load_detector(detector or "epix10k2m")
         self.kw = dict(source=source, frame_shape=tuple(frame_shape), crop=tuple(crop), sigma=polar_crop_sigma,
                        num_train=num_train, num_val=num_val, num_test=num_test, seed=seed, train=train, val=val,
-                       test=test, key=key, synth=dict(synth or {}))
+                       test=test, key=key, synth=dict(synth or {}), detector=self.detector,
+                       lattice=dict(lattice or {}))
+        self.peak_bias = peak_bias
         self.batch_size, self.num_workers = batch_size, num_workers
         self.sources: dict[str, Any] = {}
         self.progress = {"epochs_served": 0}
@@ -121,9 +159,13 @@ class PeakDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         crop, seed = self.kw["crop"], self.kw["seed"]
-        self.train_set = CropDataset(self.frames("train"), crop, self.kw["sigma"], seed)
+        panels = self.kw["source"] == "lattice"  # panels: crops anywhere (no beam centre), biased to peaks
+        self.train_set = CropDataset(self.frames("train"), crop, self.kw["sigma"], seed, self.peak_bias, panels)
         val = self.frames("val")
-        self.val_set = CropDataset(val, crop, None, seed) if val is not None else None
+        self.val_set = None
+        if val is not None:  # deterministic crops (seeded by index); panels keep the training placement rule
+            self.val_set = CropDataset(val, crop, self.kw["sigma"] if panels else None, seed + 1, self.peak_bias,
+                                       panels)
 
     def train_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
@@ -155,16 +197,53 @@ class LabelledFrames:
         return {"image": image, "label": label}
 
 
+class LatticeShots:
+    """``n`` simulated lattice-stills shots, every panel: item ``i`` (from ``(seed, i)`` only) is ``image``
+    float32 [P, H, W] (raw ADU), ``label`` uint8 [P, H, W], ``good`` bool [P, H, W] (the shot's bad-pixel mask)
+    and ``peaks``: per panel ``[n, 3]`` ``(ss, fs, photons)`` of the visible reflections."""
+
+    def __init__(self, n: int, detector, cfg=None, seed: int = 0):
+        self.n, self.detector, self.cfg, self.seed = int(n), detector, cfg, int(seed)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def shot(self, i: int):
+        from vitkit.apps.peaks.lattice import simulate_shot
+
+        if not 0 <= i < self.n:
+            raise IndexError(f"shot {i} out of range for {self.n} shots")
+        return simulate_shot(np.random.default_rng(np.random.SeedSequence([self.seed, i])), self.detector, self.cfg)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        shot = self.shot(i)
+        r = shot.reflections
+        vis = np.asarray(r["visible"], dtype=bool)
+        peaks = [np.stack([r["ss"][vis & (r["panel"] == k)], r["fs"][vis & (r["panel"] == k)],
+                           r["photons"][vis & (r["panel"] == k)]], 1).astype(np.float32)
+                 for k in range(len(self.detector))]
+        return {"image": shot.images, "label": shot.labels, "good": shot.good, "peaks": peaks}
+
+
 def make_source(split: str, source: str, frame_shape, num_train: int, num_val: int, num_test: int, seed: int,
-                train=None, val=None, test=None, key=None, synth=None, **_):
-    """Frames of one split: synthetic (disjoint seeds per split) or from files."""
+                train=None, val=None, test=None, key=None, synth=None, detector=None, lattice=None, **_):
+    """Data of one split: simulated (disjoint seeds per split) or from files."""
+    n = {"train": num_train, "val": num_val, "test": num_test}[split]
+    offset = {"train": 0, "val": 1, "test": 2}[split]
+    if source == "lattice":
+        from vitkit.apps.peaks.lattice import LatticeConfig, LatticeStillsDataset
+
+        if n == 0:
+            return None
+        cfg = LatticeConfig(**(lattice or {}))
+        if split == "test":  # held out: whole shots, every panel
+            return LatticeShots(n, detector, cfg, seed=seed * 10 + offset)
+        return LatticeStillsDataset(n, detector, cfg, seed=seed * 10 + offset)
     if source == "synthetic":
         from vitkit.apps.peaks.synthetic import SynthConfig, SyntheticPeakDataset
 
-        n = {"train": num_train, "val": num_val, "test": num_test}[split]
         if n == 0:
             return None
-        offset = {"train": 0, "val": 1, "test": 2}[split]
         cfg = SynthConfig(shape=tuple(frame_shape), **(synth or {}))
         return SyntheticPeakDataset(n, seed=seed * 10 + offset, cfg=cfg)
     from vitkit.apps.peaks.io import open_frames

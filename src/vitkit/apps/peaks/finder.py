@@ -321,25 +321,28 @@ class PeakFinder:
                          f"found shape {a.shape}.")
 
     @torch.no_grad()
-    def masks(self, events) -> np.ndarray:
-        """Peak masks ``[N, P, H, W]`` bool of raw events (the model's peak class, AND the good pixels)."""
+    def masks(self, events, good: np.ndarray | None = None) -> np.ndarray:
+        """Peak masks ``[N, P, H, W]`` bool of raw events (the model's peak class, AND the good pixels).
+        ``good``: this call's own good-pixel mask (``[P, H, W]`` or per event ``[N, P, H, W]``), combined with
+        the finder's."""
         from vitkit.tasks.postprocess import semantic_inference
         from vitkit.tasks.transforms import robust_normalise
 
         ev = self._events(events)
         n, p, h, w = ev.shape
-        good = None
-        if self.good is not None:
-            if self.good.shape != (p, h, w):
-                raise DetectorShapeError(f"PeakFinder: the mask has shape {self.good.shape}, the events "
-                                         f"{(p, h, w)}; expected one mask value per pixel of an event.")
-            good = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(self.good, ev.shape)))
+        for g in (self.good, good):
+            if g is not None and np.shape(g)[-3:] != (p, h, w):
+                raise DetectorShapeError(f"PeakFinder: the mask has shape {np.shape(g)}, the events {(p, h, w)}; "
+                                         f"expected one mask value per pixel of an event.")
+        g = self.good if good is None else (np.asarray(good, dtype=bool) if self.good is None
+                                             else self.good & np.asarray(good, dtype=bool))
+        gt = None if g is None else torch.from_numpy(np.ascontiguousarray(np.broadcast_to(g, ev.shape)))
         x = torch.from_numpy(np.ascontiguousarray(ev, dtype=np.float32)).reshape(n * p, 1, h, w)
-        x = robust_normalise(x, None if good is None else good.reshape(n * p, 1, h, w)).to(self.device)
+        x = robust_normalise(x, None if gt is None else gt.reshape(n * p, 1, h, w)).to(self.device)
         probs = semantic_inference(self.model, x, overlap=self.overlap, batch_size=self.batch_size)
         out = (probs[:, 1] > probs[:, 0]).cpu().numpy().reshape(n, p, h, w)
-        if good is not None:
-            out &= good.numpy()
+        if gt is not None:
+            out &= gt.numpy()
         return out
 
     def peaks(self, events, masks: np.ndarray) -> list[np.ndarray]:

@@ -12,8 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
-MODEL_CONFIG_KEY = "vitkit_model_config"
+from vitkit.apps.peaks.finder import MODEL_CONFIG_KEY, PeakFinder, load_model
 
+__all__ = ["compose", "train", "predict", "evaluate", "truth_of", "load_model", "PeakFinder", "predict_masks",
+           "format_metrics", "write_json", "event_of", "frame_image", "MODEL_CONFIG_KEY"]
 
 # ---------------------------------------------------------------------------------------- config
 def compose(overrides: list[str] | None = None, config_name: str = "train"):
@@ -45,113 +47,147 @@ def build_strategy(strategy: Any, options: dict | None = None):
     return strategy
 
 
-# ----------------------------------------------------------------------------------------- model
-def load_model(checkpoint: str | Path):
-    """An EoMT from a training run: a run directory, a Lightning ``.ckpt`` or an exported model dir."""
-    from hydra.utils import instantiate
-
-    import vitkit
-
-    path = Path(checkpoint)
-    if path.is_dir() and (path / "model" / "config.json").exists():
-        return vitkit.from_pretrained(path / "model")
-    if path.is_dir() and (path / "config.json").exists():
-        return vitkit.from_pretrained(path)
-    from vitkit.tasks.train.distributed import is_sharded_checkpoint, load_full_state_dict
-
-    if path.is_dir() and not is_sharded_checkpoint(path):
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {checkpoint}: pass a run directory, a .ckpt file or a "
-                                f"model directory written by vitkit")
-    if is_sharded_checkpoint(path):  # FSDP: a directory of shards
-        ckpt = load_full_state_dict(path)
-    else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if MODEL_CONFIG_KEY not in ckpt:
-        raise vitkit.CheckpointError(f"{path} was not written by `vitkit train` (no {MODEL_CONFIG_KEY})")
-    cfg = dict(ckpt[MODEL_CONFIG_KEY])
-    cfg["pretrained"] = False  # the checkpoint carries the trained weights
-    model = instantiate(cfg)
-    sd = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
-
-
 # ---------------------------------------------------------------------------------------- predict
-@torch.no_grad()
-def predict_masks(model, frames, overlap: float = 0.25, progress: bool = True, device: str | torch.device = "cpu"):
-    """Peak masks for raw frames (any size; sliding windows at native resolution) on ``device``.
-
-    Yields ``(raw frame [H, W] float32, mask [H, W] bool)`` per frame, in order.
-    """
-    from tqdm.auto import tqdm
-
-    from vitkit.tasks.postprocess import semantic_inference
-    from vitkit.tasks.transforms import instance_normalise
-
-    model.eval()
-    for i in tqdm(range(len(frames)), desc="predict", unit="frame", disable=not progress):
-        raw = frame_image(frames[i])
-        x = instance_normalise(torch.tensor(raw, dtype=torch.float32)[None, None]).to(device)  # copies (read-only ok)
-        probs = semantic_inference(model, x, overlap=overlap)
-        yield raw, (probs.argmax(1)[0] == 1).cpu().numpy()
+def event_of(item) -> np.ndarray:
+    """The raw float32 event ``[P, H, W]`` of a source item: a dict with ``image`` or an array; a single frame
+    ``[H, W]`` (or ``[1, H, W]``) is a one-panel event."""
+    img = item["image"] if isinstance(item, dict) else item
+    img = np.asarray(img.numpy() if torch.is_tensor(img) else img, dtype=np.float32)
+    return img[None] if img.ndim == 2 else img
 
 
 def frame_image(item) -> np.ndarray:
-    """The raw [H, W] float32 frame of a source item (dict with ``image`` or an array)."""
-    img = item["image"] if isinstance(item, dict) else item
-    img = np.asarray(img.numpy() if torch.is_tensor(img) else img, dtype=np.float32)
-    return img[0] if img.ndim == 3 else img
+    """The raw ``[H, W]`` float32 frame of a single-panel source item."""
+    return event_of(item)[0]
 
 
-def predict(model, frames, out: Path, overlap: float = 0.25, min_peaks: int = 0, max_peaks: int = 2048,
-            min_pixels: int = 1, overlays: int = 2, write_frames: bool = False, progress: bool = True,
-            truth: list[np.ndarray] | None = None) -> dict[str, Any]:
-    """Run peak finding over ``frames`` and write ``peaks.cxi``, ``peaks.csv`` and overlay PNGs to ``out``."""
+@torch.no_grad()
+def predict_masks(model, frames, overlap: float = 0.25, progress: bool = True, device: str | torch.device = "cpu"):
+    """Peak masks of single-panel frames (what ``vitkit predict`` computes for them, through
+    :class:`~vitkit.apps.peaks.finder.PeakFinder`). Yields ``(raw [H, W] float32, mask [H, W] bool)`` in order."""
+    from tqdm.auto import tqdm
+
+    from vitkit.apps.peaks.finder import PeakFinder
+
+    finder = PeakFinder(model, None, device=device, overlap=overlap)
+    for i in tqdm(range(len(frames)), desc="predict", unit="frame", disable=not progress):
+        raw = frame_image(frames[i])
+        yield raw, finder.masks(raw[None, None])[0, 0]
+
+
+def predict(finder, events, out: Path, overlays: int = 2, write_frames: bool = False, progress: bool = True,
+            truth: list | None = None, keep_masks: bool = False, event_ids=None) -> dict[str, Any]:
+    """Find peaks in ``events`` (an indexable of raw events ``[P, H, W]``, frames ``[H, W]`` or source items)
+    with a :class:`~vitkit.apps.peaks.finder.PeakFinder` and write ``peaks.cxi`` (slab coordinates), ``peaks.csv``
+    (panel, slab and lab coordinates), the ``detector.geom`` that maps them and overlay PNGs to ``out``.
+
+    Everything is computed before anything is written: a bad event raises and leaves no output behind.
+    Returns ``{"peaks": [table per event], "masks": [[P, H, W] bool per event] or None}``.
+    """
+    from tqdm.auto import tqdm
+
     from vitkit.apps.peaks.io import save_overlay_png, write_csv, write_cxi
-    from vitkit.apps.peaks.peakfind import peaks_per_frame
 
+    det = finder.detector
+    tables, masks = [], [] if keep_masks else None
+    shown = []
+    for i in tqdm(range(len(events)), desc="predict", unit="event", disable=not progress):
+        item = events[i]
+        ev = event_of(item)[None]
+        good = item.get("good") if isinstance(item, dict) else None  # simulated shots carry their own mask
+        m = finder.masks(ev, None if good is None else event_of(good).astype(bool))
+        tables.extend(finder.peaks(ev, m))
+        if keep_masks:
+            masks.append(m[0])
+        if i < overlays:
+            shown.append(ev[0])
     out.mkdir(parents=True, exist_ok=True)
-    raws, masks = [], []
-    for raw, mask in predict_masks(model, frames, overlap, progress):
-        raws.append(raw)
-        masks.append(mask)
-    # 8-connected components, intensity-weighted centroids and sums on the raw frames, count filters
-    peaks = peaks_per_frame(masks, raws, min_peaks=min_peaks, max_peaks=max_peaks, min_pixels=min_pixels)
-    write_cxi(out / "peaks.cxi", peaks, frames=raws if write_frames else None, max_peaks=max_peaks)
-    write_csv(out / "peaks.csv", peaks)
-    for i in range(min(overlays, len(frames))):
-        save_overlay_png(out / f"overlay_{i:04d}.png", raws[i], peaks[i],
-                         true_peaks=None if truth is None else truth[i])
-    return {"masks": masks, "peaks": peaks}
+    slabs = None
+    if write_frames:
+        slabs = _SlabView(events, det)
+    write_cxi(out / "peaks.cxi", tables, frames=slabs, max_peaks=finder.max_peaks or 2048, event_ids=event_ids)
+    write_csv(out / "peaks.csv", tables)
+    if det is not None:
+        from vitkit.apps.peaks.geom import write_geom
+
+        write_geom(det, out / "detector.geom")
+    for i, ev in enumerate(shown):
+        if det is not None and len(det) > 1:
+            from vitkit.apps.peaks.draw import draw_detector
+
+            t = tables[i]
+            draw_detector(det, out / f"overlay_{i:04d}.png", image=ev, peaks=np.stack([t["x_lab"], t["y_lab"]], 1))
+        else:
+            true = None if truth is None else truth[i][0]
+            save_overlay_png(out / f"overlay_{i:04d}.png", ev[0], tables[i], true_peaks=true)
+    return {"peaks": tables, "masks": masks}
+
+
+class _SlabView:
+    """Events of a source as CrystFEL slabs ``[SS, FS]`` (read when written)."""
+
+    def __init__(self, events, detector):
+        self.events, self.detector = events, detector
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        ev = event_of(self.events[i])
+        return ev[0] if self.detector is None else self.detector.to_slab(ev)
 
 
 def evaluate(pred_masks, pred_peaks, true_masks, true_peaks, radius: float = 2.0) -> dict[str, float]:
-    """Pixel IoU/Dice and peak precision/recall/F1/centroid RMSE."""
-    from vitkit.apps.peaks.metrics import peak_metrics, pixel_metrics
+    """Pixel IoU/Dice and peak precision/recall/F1/centroid RMSE, panel by panel.
 
-    result = dict(pixel_metrics(pred_masks, true_masks))
-    result.update(peak_metrics([p[:, :2] for p in pred_peaks], [t[:, :2] for t in true_peaks], radius=radius))
+    ``pred_masks`` / ``true_masks``: per event ``[P, H, W]`` (or per frame ``[H, W]``); ``pred_peaks``: per
+    event a peak table (or ``[n, 2+]`` rows ``(y, x, ...)``); ``true_peaks``: per event a list of ``[n, 2+]``
+    ``(ss, fs, ...)`` arrays, one per panel (or per frame one array).
+    """
+    from vitkit.apps.peaks.metrics import peak_metrics, pixel_metrics
+    from vitkit.apps.peaks.peakfind import as_peak_table
+
+    pm, tm, pp, tp = [], [], [], []
+    for m_pred, m_true, t_pred, t_true in zip(pred_masks, true_masks, pred_peaks, true_peaks):
+        m_pred, m_true = np.asarray(m_pred), np.asarray(m_true)
+        if m_pred.ndim == 2:
+            m_pred, m_true, t_true = m_pred[None], m_true[None], [t_true]
+        t_pred = as_peak_table(t_pred)
+        for k in range(m_pred.shape[0]):
+            pm.append(m_pred[k])
+            tm.append(m_true[k] > 0)
+            sel = t_pred[t_pred["panel"] == k]
+            pp.append(np.stack([sel["ss"], sel["fs"]], 1))
+            tp.append(np.asarray(t_true[k], dtype=np.float64).reshape(-1, np.shape(t_true[k])[-1] or 2)[:, :2])
+    result = dict(pixel_metrics(pm, tm))
+    result.update(peak_metrics(pp, tp, radius=radius))
     return result
 
 
-def truth_of(frames) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """True masks and peak lists of a labelled source (synthetic frames carry their peak list; labelled
-    files get peaks from their label components)."""
+def truth_of(source) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
+    """True masks (per event ``[P, H, W]``) and peak lists (per event, one ``[n, 2+]`` ``(ss, fs, ...)`` array per
+    panel) of a labelled source: simulated items carry their peaks; labelled files get peaks from their label
+    components."""
     from vitkit.apps.peaks.peakfind import find_peaks
 
     masks, peaks = [], []
-    for i in range(len(frames)):
-        item = frames[i]
-        if not isinstance(item, dict) and getattr(frames, "has_labels", False):
-            item = {"image": item, "label": frames.label(i)}
+    for i in range(len(source)):
+        item = source[i]
+        if not isinstance(item, dict) and getattr(source, "has_labels", False):
+            item = {"image": item, "label": source.label(i)}
         if not isinstance(item, dict) or item.get("label") is None:
-            raise ValueError("evaluation needs labelled frames (zarr 'labels' or synthetic frames)")
+            raise ValueError("evaluation needs labelled frames (zarr 'labels' or simulated frames)")
         lab = np.asarray(item["label"]) > 0
+        lab = lab[None] if lab.ndim == 2 else lab
         masks.append(lab)
         p = item.get("peaks")
-        peaks.append(np.asarray(p, dtype=np.float32) if p is not None else find_peaks(lab, frame_image(item)))
+        if p is None:
+            ev = event_of(item)
+            peaks.append([find_peaks(lab[k], ev[k]) for k in range(len(lab))])
+        elif isinstance(p, (list, tuple)):
+            peaks.append([np.asarray(q, dtype=np.float32) for q in p])
+        else:
+            peaks.append([np.asarray(p, dtype=np.float32)])
     return masks, peaks
 
 
@@ -191,6 +227,10 @@ def train(cfg) -> Path:
     model = instantiate(model_cfg)
     module = SegmentationModule(model, **OmegaConf.to_container(cfg.module, resolve=True))
     data = PeakDataModule(**OmegaConf.to_container(cfg.data, resolve=True))
+    if data.detector is not None:  # the geometry the model was trained on travels with the run
+        from vitkit.apps.peaks.geom import write_geom
+
+        write_geom(data.detector, run_dir / "detector.geom")
 
     class Provenance(Callback):
         """Store the model config and every rank's RNG states in each checkpoint (exact resume; ranks
@@ -272,8 +312,9 @@ def train(cfg) -> Path:
     if test is not None:
         true_masks, true_peaks = truth_of(test)
         p = cfg.predict
-        res = predict(model, test, run_dir, overlap=p.overlap, min_peaks=p.min_peaks, max_peaks=p.max_peaks,
-                      min_pixels=p.min_pixels, overlays=p.overlays, truth=true_peaks)
+        finder = PeakFinder(model, data.detector, good=None, overlap=p.overlap, min_pixels=p.min_pixels,
+                            min_peaks=p.min_peaks, max_peaks=p.max_peaks)
+        res = predict(finder, test, run_dir, overlays=p.overlays, truth=true_peaks, keep_masks=True)
         metrics = evaluate(res["masks"], res["peaks"], true_masks, true_peaks, radius=p.radius)
         metrics["num_frames"] = len(test)
         write_json(run_dir / "metrics.json", metrics)

@@ -14,13 +14,19 @@ from vitkit.tasks.postprocess import semantic_probs
 from vitkit.tasks.train.schedule import layerwise_param_groups, warmup_decay_lambda
 
 
-def semantic_targets(labels: torch.Tensor, num_classes: int) -> list[dict[str, torch.Tensor]]:
-    """Label maps [B, H, W] -> per image one binary mask per class present (official EoMT semantic)."""
+def semantic_targets(labels: torch.Tensor, num_classes: int, valid: torch.Tensor | None = None
+                     ) -> list[dict[str, torch.Tensor]]:
+    """Label maps [B, H, W] -> per image one binary mask per class present (official EoMT semantic);
+    ``valid`` [B, H, W] (True = pixel counts) is passed on to the loss and restricts "present" to valid pixels."""
     targets = []
-    for lab in labels:
-        present = [c for c in range(num_classes) if (lab == c).any()]
+    for b, lab in enumerate(labels):
+        ok = None if valid is None else valid[b]
+        present = [c for c in range(num_classes) if ((lab == c) if ok is None else (lab == c) & ok).any()]
         masks = torch.stack([lab == c for c in present]) if present else torch.zeros((0, *lab.shape), dtype=torch.bool)
-        targets.append({"masks": masks, "labels": torch.tensor(present, dtype=torch.long, device=lab.device)})
+        t = {"masks": masks, "labels": torch.tensor(present, dtype=torch.long, device=lab.device)}
+        if ok is not None:
+            t["valid"] = ok
+        targets.append(t)
     return targets
 
 
@@ -80,7 +86,7 @@ class SegmentationModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         masks, classes = self.model(batch["image"])
-        targets = semantic_targets(batch["label"], self.num_classes)
+        targets = semantic_targets(batch["label"], self.num_classes, batch.get("valid"))
         total, terms = self.criterion(masks, classes, targets)
         self.log("train/loss", total, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(targets))
         for k, v in terms.items():
@@ -102,7 +108,10 @@ class SegmentationModule(L.LightningModule):
         probs = semantic_probs(masks[-1], classes[-1])
         probs = torch.nn.functional.interpolate(probs, size=batch["label"].shape[-2:], mode="bilinear",
                                                 align_corners=False)
-        self.val_metrics.update(probs.argmax(1), batch["label"])
+        pred, label = probs.argmax(1), batch["label"]
+        if batch.get("valid") is not None:  # bad pixels are not scored
+            pred, label = pred[batch["valid"]], label[batch["valid"]]
+        self.val_metrics.update(pred, label)
 
     def on_validation_epoch_end(self) -> None:
         cm = self.val_metrics.confusion.to(self.device)
