@@ -231,14 +231,21 @@ class EventSource:
 
 # ------------------------------------------------------------------------------------------- peaks
 def event_peaks(detector: Detector | None, event: np.ndarray, mask: np.ndarray, min_pixels: int = 1,
-                max_peaks: int | None = 2048, min_peaks: int = 0) -> np.ndarray:
+                max_peaks: int | None = 2048, min_peaks: int = 0, good: np.ndarray | None = None) -> np.ndarray:
     """Peak table of one event from its peak mask ``[P, H, W]`` (already AND-ed with the good pixels):
-    8-connected components per panel, intensity-weighted centroids and sums on the raw event."""
+    8-connected components per panel, intensity-weighted centroids and sums on the raw event. With ``good``
+    (``[P, H, W]``, True = good), a peak whose centroid falls on a bad pixel is dropped: its own pixels are
+    good, but the place it reports is not."""
     from vitkit.apps.peaks.peakfind import measure_components
 
     parts = []
     for k in range(event.shape[0]):
         c = measure_components(mask[k], event[k], min_pixels=min_pixels)
+        if good is not None and len(c["y"]):
+            h, w = good.shape[-2:]
+            on = good[k, np.clip(np.rint(c["y"]).astype(np.int64), 0, h - 1),
+                      np.clip(np.rint(c["x"]).astype(np.int64), 0, w - 1)]
+            c = {name: v[on] for name, v in c.items()}
         t = empty_peaks(len(c["y"]))
         t["panel"], t["fs"], t["ss"] = k, c["x"], c["y"]
         t["intensity"], t["npix"], t["max_value"] = c["intensity"], c["npix"], c["max_value"]
@@ -320,6 +327,18 @@ class PeakFinder:
         raise InputError(f"PeakFinder: expected an event [P, H, W], events [N, P, H, W] or frames [N, H, W], "
                          f"found shape {a.shape}.")
 
+    def _good(self, shape: tuple[int, int, int, int], good: np.ndarray | None) -> np.ndarray | None:
+        """The finder's good pixels AND a call's own (``[P, H, W]`` or ``[N, P, H, W]``), as ``[N, P, H, W]``."""
+        for g in (self.good, good):
+            if g is not None and np.shape(g)[-3:] != shape[1:]:
+                raise DetectorShapeError(f"PeakFinder: the mask has shape {np.shape(g)}, the events {shape[1:]}; "
+                                         f"expected one mask value per pixel of an event.")
+        if good is None and self.good is None:
+            return None
+        g = self.good if good is None else (np.asarray(good, dtype=bool) if self.good is None
+                                             else self.good & np.asarray(good, dtype=bool))
+        return np.broadcast_to(g, shape)
+
     @torch.no_grad()
     def masks(self, events, good: np.ndarray | None = None) -> np.ndarray:
         """Peak masks ``[N, P, H, W]`` bool of raw events (the model's peak class, AND the good pixels).
@@ -330,29 +349,26 @@ class PeakFinder:
 
         ev = self._events(events)
         n, p, h, w = ev.shape
-        for g in (self.good, good):
-            if g is not None and np.shape(g)[-3:] != (p, h, w):
-                raise DetectorShapeError(f"PeakFinder: the mask has shape {np.shape(g)}, the events {(p, h, w)}; "
-                                         f"expected one mask value per pixel of an event.")
-        g = self.good if good is None else (np.asarray(good, dtype=bool) if self.good is None
-                                             else self.good & np.asarray(good, dtype=bool))
-        gt = None if g is None else torch.from_numpy(np.ascontiguousarray(np.broadcast_to(g, ev.shape)))
+        g = self._good(ev.shape, good)
+        gt = None if g is None else torch.from_numpy(np.array(g))
         x = torch.from_numpy(np.ascontiguousarray(ev, dtype=np.float32)).reshape(n * p, 1, h, w)
         x = robust_normalise(x, None if gt is None else gt.reshape(n * p, 1, h, w)).to(self.device)
         probs = semantic_inference(self.model, x, overlap=self.overlap, batch_size=self.batch_size)
         out = (probs[:, 1] > probs[:, 0]).cpu().numpy().reshape(n, p, h, w)
-        if gt is not None:
-            out &= gt.numpy()
+        if g is not None:
+            out &= g
         return out
 
-    def peaks(self, events, masks: np.ndarray) -> list[np.ndarray]:
+    def peaks(self, events, masks: np.ndarray, good: np.ndarray | None = None) -> list[np.ndarray]:
+        """Peak tables of raw events from their :meth:`masks` (``good`` as given to :meth:`masks`)."""
         ev = self._events(events)
-        return [event_peaks(self.detector, e, m, self.min_pixels, self.max_peaks, self.min_peaks)
-                for e, m in zip(ev, masks)]
+        g = self._good(ev.shape, good)
+        return [event_peaks(self.detector, e, m, self.min_pixels, self.max_peaks, self.min_peaks,
+                            None if g is None else g[i]) for i, (e, m) in enumerate(zip(ev, masks))]
 
     def __call__(self, events) -> list[np.ndarray]:
         """Peak tables (:data:`PEAK_DTYPE`), one per event, of an event ``[P, H, W]`` or events ``[N, P, H, W]``
         (slabs, or frames ``[N, H, W]`` without a detector)."""
         ev = self._events(events)
-        return self.peaks(ev, self.masks(ev))
+        return self.peaks(ev, self.masks(ev), None)
 

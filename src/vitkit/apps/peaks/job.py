@@ -95,8 +95,9 @@ def predict(finder, events, out: Path, overlays: int = 2, write_frames: bool = F
         item = events[i]
         ev = event_of(item)[None]
         good = item.get("good") if isinstance(item, dict) else None  # simulated shots carry their own mask
-        m = finder.masks(ev, None if good is None else event_of(good).astype(bool))
-        tables.extend(finder.peaks(ev, m))
+        good = None if good is None else event_of(good).astype(bool)
+        m = finder.masks(ev, good)
+        tables.extend(finder.peaks(ev, m, good))
         if keep_masks:
             masks.append(m[0])
         if i < overlays:
