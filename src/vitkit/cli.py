@@ -210,6 +210,21 @@ def cmd_stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_detector(args: argparse.Namespace) -> int:
+    from vitkit.apps.peaks.detector import load_detector
+    from vitkit.apps.peaks.geom import detector_table, write_geom
+
+    det = load_detector(args.detector)
+    print(detector_table(det))
+    if args.write_geom:
+        print(f"wrote {write_geom(det, args.write_geom, layout=args.layout)} ({args.layout} layout)")
+    if args.out:
+        from vitkit.apps.peaks.draw import draw_detector
+
+        print(f"wrote {draw_detector(det, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -274,6 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=int, nargs=2, default=[256, 256])
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("detector", help="summarise a detector geometry (CrystFEL .geom file or built-in name), draw "
+                                        "its layout, write it as .geom")
+    p.add_argument("detector", help="a .geom file or a built-in: epix10k2m, jungfrau4m, cspad, single[:HxW]")
+    p.add_argument("--out", help="draw the layout in the lab frame to this PNG")
+    p.add_argument("--write-geom", help="write the geometry as a CrystFEL .geom file")
+    p.add_argument("--layout", choices=("slab", "stack"), default="slab",
+                   help="data layout of --write-geom: slab [SS, FS] (dim1 = ss) or panel stack [P, H, W] "
+                        "(per-panel dim1 = index)")
+    p.set_defaults(func=cmd_detector)
     return parser
 
 

@@ -286,7 +286,8 @@ class Detector:
         """Render one event ``[P, H, W]`` (or a slab) into a lab-frame image (nearest pixel, panel z ignored).
 
         Returns ``(image [Y, X], (x0, y0, step))``: image pixel ``[r, c]`` covers lab pixels
-        ``x0 + c * step``, ``y0 + r * step`` (x to the right, y down as in CrystFEL's viewers). Pixels that no
+        ``x0 + c * step``, ``y0 + r * step`` (rows follow +y: show it with the origin at the bottom for the view
+        facing the beam, as CrystFEL does). Pixels that no
         panel covers are ``fill``.
         """
         stack = self.to_panels(panels, "assemble")[0]
