@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from tests.test_peaks_job import TINY, run_cli
+
+from test_peaks_job import TINY, run_cli  # not "tests.x": cfelpyutils installs a top-level "tests"
 
 SHARD_SCRIPT = r"""
 import json, sys, torch, torch.distributed as dist

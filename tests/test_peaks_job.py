@@ -17,7 +17,7 @@ import pytest
 import torch
 
 TINY = ["model.embed_dim=32", "model.depth=2", "model.num_q=4", "data.num_train=32", "data.num_val=4",
-        "data.num_test=4", "data.frame_shape=[96,80]", "trainer.val_check_interval=4", "predict.overlays=1"]
+        "data.num_test=2", "trainer.val_check_interval=4", "predict.overlays=1"]  # the default: epix10k2M shots
 
 
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -34,16 +34,22 @@ def trained_run(tmp_path_factory):
 
 
 def test_train_writes_everything_and_prints_the_run_dir_last(trained_run):
+    from vitkit.apps.peaks.detector import builtin_detector
+    from vitkit.apps.peaks.geom import read_geom
+
     run, res = trained_run
     assert res.stdout.strip().splitlines()[-1] == str(run)
     assert "Epoch 2" in res.stdout and "predict: 100%" in res.stderr  # progress bars (Lightning: stdout)
     for name in ("checkpoints/last.ckpt", "checkpoints/best.ckpt", "metrics.json", "peaks.cxi", "peaks.csv",
-                 "overlay_0000.png", "curves.png", "config.yaml", "model/model.safetensors", "logs/metrics.csv"):
+                 "overlay_0000.png", "curves.png", "config.yaml", "model/model.safetensors", "logs/metrics.csv",
+                 "detector.geom"):
         assert (run / name).exists(), name
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("peak_precision", "peak_recall", "peak_f1", "pixel_iou", "centroid_rmse_px"):
         assert key in metrics
-    assert metrics["num_frames"] == 4
+    assert metrics["num_frames"] == 2
+    det = read_geom(run / "detector.geom")
+    assert det.stack_shape == (16, 352, 384) and det.panel_names == builtin_detector("epix10k2m").panel_names
 
 
 def test_cxi_reads_back_with_h5py(trained_run):
@@ -51,24 +57,66 @@ def test_cxi_reads_back_with_h5py(trained_run):
     with h5py.File(run / "peaks.cxi", "r") as f:
         res = f["/entry_1/result_1"]
         n = res["nPeaks"][()]
-        assert n.shape == (4,) and n.dtype == np.int32
+        assert n.shape == (2,) and n.dtype == np.int32
         for name in ("peakXPosRaw", "peakYPosRaw", "peakTotalIntensity"):
-            assert res[name].shape == (4, 2048) and res[name].dtype == np.float32
+            assert res[name].shape == (2, 2048) and res[name].dtype == np.float32
         rows = []
-        for i in range(4):
+        for i in range(2):
             for j in range(n[i]):
                 rows.append((i, res["peakYPosRaw"][i, j], res["peakXPosRaw"][i, j], res["peakTotalIntensity"][i, j]))
             assert not res["peakXPosRaw"][i, n[i]:].any()  # zero padding past nPeaks
     lines = (run / "peaks.csv").read_text().strip().splitlines()
-    assert lines[0] == "frame,y,x,intensity"
-    csv_rows = [tuple(float(v) for v in line.split(",")) for line in lines[1:]]
+    assert lines[0] == "frame,panel,fs,ss,slab_fs,slab_ss,x_lab,y_lab,intensity,npix,max_value"
+    csv_rows = [[float(v) for v in line.split(",")] for line in lines[1:]]
     assert len(csv_rows) == len(rows)
-    assert np.allclose(np.array(csv_rows, dtype=np.float64), np.array(rows, dtype=np.float64), rtol=1e-5, atol=1e-3)
+    got = np.array([(r[0], r[5], r[4], r[8]) for r in csv_rows], dtype=np.float64).reshape(-1, 4)
+    assert np.allclose(got, np.array(rows, dtype=np.float64).reshape(-1, 4), rtol=1e-5, atol=1e-3)
+    for r in csv_rows:  # slab = panel offset (psana order along slow scan) + panel-local
+        assert r[5] == pytest.approx(r[3] + 352 * r[1]) and r[4] == pytest.approx(r[2])
 
 
-def test_predict_and_evaluate_on_files_of_any_size(trained_run, tmp_path):
+def test_predict_multi_panel_stack_with_geometry_and_mask(trained_run, tmp_path):
+    """The issue's acceptance: a 4-event [4, 16, 352, 384] HDF5 stack with a mask, through the CLI."""
+    from vitkit.apps.peaks.datamodule import LatticeShots
+    from vitkit.apps.peaks.detector import builtin_detector
+    from vitkit.apps.peaks.geom import write_geom
+    from vitkit.apps.peaks.lattice import LatticeConfig
+
+    run, _ = trained_run
+    det = builtin_detector("epix10k2m")
+    shots = LatticeShots(4, det, LatticeConfig(), seed=123)
+    items = [shots[i] for i in range(4)]
+    with h5py.File(tmp_path / "stack.h5", "w") as f:
+        f.create_dataset("/entry_1/data_1/data", data=np.stack([it["image"] for it in items]))
+    good = items[0]["good"].copy()
+    good[:, 100:200, 100:200] = False  # a big masked block: nothing may be reported inside
+    with h5py.File(tmp_path / "mask.h5", "w") as f:
+        f.create_dataset("/data/data", data=good.astype(np.uint8))
+    write_geom(det, tmp_path / "det.geom")
+    res = run_cli("predict", str(run), str(tmp_path / "stack.h5"), "--geometry", str(tmp_path / "det.geom"),
+                  "--mask", str(tmp_path / "mask.h5"), "--out", str(tmp_path / "p"), "--min-pixels", "1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    with h5py.File(tmp_path / "p" / "peaks.cxi", "r") as f:
+        r = f["/entry_1/result_1"]
+        n, xs, ys = r["nPeaks"][()], r["peakXPosRaw"][()], r["peakYPosRaw"][()]
+    assert n.shape == (4,)
+    from vitkit.apps.peaks.io import read_csv_peaks
+
+    tables = read_csv_peaks(tmp_path / "p" / "peaks.csv", n_frames=4)
+    for e, t in enumerate(tables):
+        assert len(t) == n[e]
+        np.testing.assert_allclose(xs[e, :n[e]], t["slab_fs"], rtol=1e-6)
+        np.testing.assert_allclose(ys[e, :n[e]], t["slab_ss"], rtol=1e-6)
+        np.testing.assert_allclose(t["slab_ss"], t["ss"] + 352 * t["panel"], rtol=1e-9)
+        assert ((t["panel"] >= 0) & (t["panel"] < 16)).all()
+        assert good[t["panel"], np.rint(t["ss"]).astype(int), np.rint(t["fs"]).astype(int)].all()
+    assert (tmp_path / "p" / "detector.geom").exists()
+
+
+def test_predict_and_evaluate_on_single_frames_of_any_size(trained_run, tmp_path):
+    """Plain frames (not the run's detector) are one-panel events, as before."""
     from vitkit.apps.peaks.io import read_cxi_peaks, write_zarr
-    from vitkit.apps.peaks.job import load_model, predict
+    from vitkit.apps.peaks.job import PeakFinder, load_model, predict
     from vitkit.apps.peaks.synthetic import SynthConfig, SyntheticPeakDataset
 
     run, _ = trained_run
@@ -79,17 +127,18 @@ def test_predict_and_evaluate_on_files_of_any_size(trained_run, tmp_path):
     np.save(tmp_path / "frames.npy", images)
 
     out_z = tmp_path / "pz"
-    res = run_cli("predict", str(run), str(tmp_path / "frames.zarr"), "--out", str(out_z), "--overlays", "1")
+    res = run_cli("predict", str(run), str(tmp_path / "frames.zarr"), "--out", str(out_z), "--overlays", "1",
+                  "--min-pixels", "1")
     assert res.returncode == 0, res.stderr[-3000:]
     res = run_cli("predict", str(run / "checkpoints" / "last.ckpt"), str(tmp_path / "frames.npy"),
-                  "--out", str(tmp_path / "pn"))
+                  "--out", str(tmp_path / "pn"), "--min-pixels", "1")
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = read_cxi_peaks(out_z / "peaks.cxi"), read_cxi_peaks(tmp_path / "pn" / "peaks.cxi")
     assert len(a) == 3 and all(np.array_equal(x, y) for x, y in zip(a, b))
     # the CLI equals the library call, frame for frame, in input order
-    model = load_model(run)
-    direct = predict(model, images, tmp_path / "lib", overlays=0, progress=False)
-    assert all(np.allclose(x, y) for x, y in zip(a, direct["peaks"]))
+    direct = predict(PeakFinder(load_model(run), min_pixels=1), images, tmp_path / "lib", overlays=0,
+                     progress=False)
+    assert all(np.allclose(x[:, :2], np.stack([y["ss"], y["fs"]], 1), atol=1e-4) for x, y in zip(a, direct["peaks"]))
 
     res = run_cli("evaluate", str(run), str(tmp_path / "frames.zarr"), "--out", str(tmp_path / "ev"))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -108,6 +157,14 @@ def test_bad_inputs_give_clear_errors(trained_run, tmp_path):
     res = run_cli("predict", str(tmp_path / "nowhere"), str(tmp_path / "nan.npy"))
     assert res.returncode != 0 and "no checkpoint" in res.stderr
     assert not (tmp_path / "o" / "peaks.cxi").exists()
+    np.save(tmp_path / "eight.npy", np.zeros((2, 8, 352, 384), np.float32))  # a stack of the wrong detector
+    res = run_cli("predict", str(run), str(tmp_path / "eight.npy"), "--out", str(tmp_path / "o8"))
+    assert res.returncode == 2 and "eight.npy" in res.stderr and "(8, 352, 384)" in res.stderr
+    assert "16, 352, 384" in res.stderr and not (tmp_path / "o8").exists()
+    np.save(tmp_path / "m.npy", np.ones((8, 352, 384), np.uint8))
+    np.save(tmp_path / "ok.npy", np.zeros((1, 16, 352, 384), np.float32))
+    res = run_cli("predict", str(run), str(tmp_path / "ok.npy"), "--mask", str(tmp_path / "m.npy"))
+    assert res.returncode == 2 and "m.npy" in res.stderr and "(8, 352, 384)" in res.stderr
 
 
 def _ckpt_step(path: Path) -> int:

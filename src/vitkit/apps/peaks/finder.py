@@ -123,8 +123,8 @@ def _read_array(path: str, key: str | None) -> np.ndarray:
         try:
             names = src._datasets(f)
             if key is None:
-                key = next((k for k in ("/data/data", "/mask", "/data", "/entry_1/data_1/mask") if k.lstrip("/") in names),
-                           names[0] if len(names) == 1 else None)
+                known = ("/data/data", "/mask", "/data", "/entry_1/data_1/mask")
+                key = next((k for k in known if k.lstrip("/") in names), names[0] if len(names) == 1 else None)
             if key is None or key.lstrip("/") not in names:
                 from vitkit.apps.peaks.io import DatasetKeyError
 
@@ -190,9 +190,6 @@ class EventSource:
 
         self.frames, self.detector, self.good = frames, detector, good
         self.path = frames.path
-        frames.check_finite = False
-        for s in getattr(frames, "sources", []):
-            s.check_finite = False
         if len(frames) == 0:
             raise FramesNotFoundError(f"{self.path}: the file holds no frames; expected detector events.")
         fshape = tuple(frames.frame_shape or ())
@@ -206,6 +203,9 @@ class EventSource:
                 f"{detector._where()}: expected [{n}, {', '.join(map(str, stack))}] panel stacks or "
                 f"[{n}, {slab[0]}, {slab[1]}] slabs. Check --geometry (the file's detector has "
                 f"{len(detector)} panels of {stack[1]} x {stack[2]}).")
+        frames.check_finite = False  # checked here, against the good pixels
+        for part in getattr(frames, "sources", []):
+            part.check_finite = False
 
     def __len__(self) -> int:
         return 1 if self.single_stack else len(self.frames)
@@ -236,7 +236,6 @@ def event_peaks(detector: Detector | None, event: np.ndarray, mask: np.ndarray, 
     8-connected components per panel, intensity-weighted centroids and sums on the raw event. With ``good``
     (``[P, H, W]``, True = good), a peak whose centroid falls on a bad pixel is dropped: its own pixels are
     good, but the place it reports is not."""
-    from vitkit.apps.peaks.peakfind import measure_components
 
     parts = []
     for k in range(event.shape[0]):

@@ -42,7 +42,7 @@ def _xy(points, name: str) -> np.ndarray:
     return p[:, :2]
 
 
-def match_peaks(pred, true, radius: float = 2.0) -> tuple[int, int, int, np.ndarray]:
+def match_peaks(pred, true, radius: float = 2.0, ignore=None) -> tuple[int, int, int, np.ndarray]:
     """One-to-one matching of predicted to true peak positions within ``radius`` px (inclusive).
 
     Args:
@@ -50,18 +50,33 @@ def match_peaks(pred, true, radius: float = 2.0) -> tuple[int, int, int, np.ndar
         true: ``[m, 2+]`` true ``(y, x, ...)``.
         radius: largest distance of a matched pair.
 
+        ignore: optional ``[k, 2+]`` positions of "don't care" peaks (real but too weak to be required, like
+            PASCAL VOC's *difficult* objects): a prediction left unmatched within ``radius`` of one is neither a
+            true nor a false positive.
+
     Returns:
         ``(tp, fp, fn, distances)`` with ``distances`` float64 ``[tp]`` the distances of the matched pairs.
     """
+    tp, fp, fn, d, unmatched = _match(pred, true, radius)
+    if ignore is not None and fp:
+        q = _xy(ignore, "match_peaks(ignore)")
+        if len(q):
+            near = cKDTree(q).query(unmatched, distance_upper_bound=radius)[0] <= radius
+            fp -= int(near.sum())
+    return tp, fp, fn, d
+
+
+def _match(pred, true, radius: float) -> tuple[int, int, int, np.ndarray, np.ndarray]:
+    """:func:`match_peaks` without ignore regions; also returns the unmatched predictions ``[fp, 2]``."""
     p, t = _xy(pred, "match_peaks(pred)"), _xy(true, "match_peaks(true)")
     if radius < 0:
         raise InputError(f"match_peaks: expected radius >= 0, found {radius}.")
     if len(p) == 0 or len(t) == 0:
-        return 0, len(p), len(t), np.zeros(0)
+        return 0, len(p), len(t), np.zeros(0), p
     # candidate pairs within the radius (sparse), then a dense assignment on the involved rows/columns only
     pairs = cKDTree(p).sparse_distance_matrix(cKDTree(t), radius, output_type="ndarray")
     if len(pairs) == 0:
-        return 0, len(p), len(t), np.zeros(0)
+        return 0, len(p), len(t), np.zeros(0), p
     rows, ri = np.unique(pairs["i"], return_inverse=True)
     cols, ci = np.unique(pairs["j"], return_inverse=True)
     big = radius * (min(len(rows), len(cols)) + 1) + 1.0  # > any sum of in-radius distances
@@ -71,7 +86,9 @@ def match_peaks(pred, true, radius: float = 2.0) -> tuple[int, int, int, np.ndar
     ok = cost[r, c] <= radius
     d = cost[r, c][ok]
     tp = int(ok.sum())
-    return tp, len(p) - tp, len(t) - tp, d
+    matched = np.zeros(len(p), dtype=bool)
+    matched[rows[r[ok]]] = True
+    return tp, len(p) - tp, len(t) - tp, d, p[~matched]
 
 
 def _ratio(num: int, den: int, other: int) -> float:
@@ -81,13 +98,15 @@ def _ratio(num: int, den: int, other: int) -> float:
     return 1.0 if other == 0 else 0.0
 
 
-def peak_metrics(pred_list: Sequence, true_list: Sequence, radius: float = 2.0) -> dict[str, float]:
+def peak_metrics(pred_list: Sequence, true_list: Sequence, radius: float = 2.0,
+                 ignore_list: Sequence | None = None) -> dict[str, float]:
     """Peak precision / recall / F1 and centroid RMSE pooled over frames.
 
     Args:
         pred_list: per frame, predicted peaks ``[n_i, 2+]`` (``(y, x[, intensity])``).
         true_list: per frame, true peaks ``[m_i, 2+]``; same number of frames.
         radius: matching radius in px (see :func:`match_peaks`).
+        ignore_list: per frame, "don't care" peaks ``[k_i, 2+]`` (see :func:`match_peaks`), or None.
 
     Returns:
         dict with ``peak_precision``, ``peak_recall``, ``peak_f1``, ``centroid_rmse_px`` (over matched pairs;
@@ -98,8 +117,8 @@ def peak_metrics(pred_list: Sequence, true_list: Sequence, radius: float = 2.0) 
                          "pass one peak list per frame on both sides (empty arrays for frames without peaks).")
     tp = fp = fn = 0
     d2 = []
-    for p, t in zip(pred_list, true_list):
-        a, b, c, d = match_peaks(p, t, radius)
+    for i, (p, t) in enumerate(zip(pred_list, true_list)):
+        a, b, c, d = match_peaks(p, t, radius, None if ignore_list is None else ignore_list[i])
         tp, fp, fn = tp + a, fp + b, fn + c
         d2.append(d ** 2)
     n_pred, n_true = tp + fp, tp + fn

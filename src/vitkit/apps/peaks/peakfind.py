@@ -31,7 +31,8 @@ from scipy.sparse.csgraph import connected_components
 
 from vitkit.errors import InputError
 
-__all__ = ["PEAK_DTYPE", "empty_peaks", "as_peak_table", "find_peaks", "measure_components", "peaks_per_frame", "label_components", "logits_to_mask"]
+__all__ = ["PEAK_DTYPE", "empty_peaks", "as_peak_table", "find_peaks", "measure_components", "peaks_per_frame",
+           "label_components", "logits_to_mask"]
 
 _SPARSE_MAX_FILL = 0.05
 
