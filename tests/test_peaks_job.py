@@ -77,18 +77,17 @@ def test_cxi_reads_back_with_h5py(trained_run):
 
 def test_predict_multi_panel_stack_with_geometry_and_mask(trained_run, tmp_path):
     """The issue's acceptance: a 4-event [4, 16, 352, 384] HDF5 stack with a mask, through the CLI."""
-    from vitkit.apps.peaks.datamodule import LatticeShots
     from vitkit.apps.peaks.detector import builtin_detector
     from vitkit.apps.peaks.geom import write_geom
-    from vitkit.apps.peaks.lattice import LatticeConfig
+    from vitkit.apps.peaks.lattice import LatticeConfig, LatticeStillsDataset
 
     run, _ = trained_run
     det = builtin_detector("epix10k2m")
-    shots = LatticeShots(4, det, LatticeConfig(), seed=123)
+    shots = LatticeStillsDataset(4, det, LatticeConfig(), seed=123, panels_per_item=None)
     items = [shots[i] for i in range(4)]
     with h5py.File(tmp_path / "stack.h5", "w") as f:
-        f.create_dataset("/entry_1/data_1/data", data=np.stack([it["image"] for it in items]))
-    good = items[0]["good"].copy()
+        f.create_dataset("/entry_1/data_1/data", data=np.stack([it["image"][:, 0].numpy() for it in items]))
+    good = items[0]["good"].numpy().copy()
     good[:, 100:200, 100:200] = False  # a big masked block: nothing may be reported inside
     with h5py.File(tmp_path / "mask.h5", "w") as f:
         f.create_dataset("/data/data", data=good.astype(np.uint8))

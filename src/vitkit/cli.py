@@ -166,10 +166,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if data.get("source") == "lattice":
             data["detector"] = finder.detector
         events = make_source("test", **{k: v for k, v in data.items() if k not in ("crop", "polar_crop_sigma")})
-    true_masks, true_peaks = truth_of(events)
+    true_masks, true_peaks, weak = truth_of(events)
     out = Path(args.out)
     res = predict(finder, events, out, overlays=0, keep_masks=True)
-    metrics = evaluate(res["masks"], res["peaks"], true_masks, true_peaks, radius=args.radius)
+    metrics = evaluate(res["masks"], res["peaks"], true_masks, true_peaks, radius=args.radius, weak=weak)
     metrics["num_frames"] = len(events)
     write_json(out / "metrics.json", metrics)
     print(format_metrics(metrics))

@@ -53,7 +53,9 @@ class CropDataset(Dataset):
     """Wraps a frame or panel source: normalises the whole frame, pads to the crop, takes a crop.
 
     ``source[i]`` returns a dict with ``image`` ([H, W] or [1, H, W]) and ``label`` ([H, W]), optionally
-    ``good`` ([H, W] bool, the bad-pixel mask: True = good) and ``peaks`` ([n, 2+] ``(ss, fs, ...)``).
+    ``good`` ([H, W] bool, the bad-pixel mask: True = good), ``peaks`` ([n, 2+] ``(ss, fs, ...)``) and
+    ``weak`` ([m, 2] ``(ss, fs)`` of real but weak reflections whose pixels, within ``weak_radius``, the loss
+    ignores).
     The frame is normalised as inference normalises a panel (:func:`robust_normalise` over its good pixels,
     bad pixels 0) before it is cropped, so training crops see exactly what the model sees at inference.
     Crop placement: with ``sigma`` set, PeakNet's polar centre crop (single frames around the beam centre),
@@ -64,9 +66,9 @@ class CropDataset(Dataset):
     """
 
     def __init__(self, source, crop: tuple[int, int], sigma: float | None = 0.33, seed: int = 0,
-                 peak_bias: float = 0.0, uniform: bool = False):
+                 peak_bias: float = 0.0, uniform: bool = False, weak_radius: float = 2.0):
         self.source, self.crop, self.sigma, self.seed = source, tuple(crop), sigma, seed
-        self.peak_bias, self.uniform = peak_bias, uniform
+        self.peak_bias, self.uniform, self.weak_radius = peak_bias, uniform, weak_radius
 
     def __len__(self) -> int:
         return len(self.source)
@@ -80,6 +82,9 @@ class CropDataset(Dataset):
         good = item.get("good")
         valid = torch.ones(label.shape, dtype=torch.bool) if good is None else torch.as_tensor(np.asarray(good))
         image = robust_normalise(image, valid[None])
+        weak = item.get("weak")
+        if weak is not None and len(weak):  # weak reflections: neither peak nor background for the loss
+            valid = valid & ~torch.from_numpy(_disks(np.asarray(weak), label.shape, self.weak_radius))
         H, W = self.crop
         h, w = image.shape[-2:]
         image, label, valid = pad_to(image, H, W), pad_to(label, H, W), pad_to(valid, H, W, value=False)
@@ -102,6 +107,20 @@ class CropDataset(Dataset):
                 top, left = polar_center_crop_box(h, w, H, W, self.sigma, g)
         return {"image": crop_at(image, top, left, H, W), "label": (crop_at(label, top, left, H, W) > 0).long(),
                 "valid": crop_at(valid, top, left, H, W)}
+
+
+def _disks(centres: np.ndarray, shape: tuple[int, int], radius: float) -> np.ndarray:
+    """Bool ``[H, W]``: True within ``radius`` px of any ``(y, x)`` centre."""
+    out = np.zeros(shape, dtype=bool)
+    r = int(np.ceil(radius))
+    dy, dx = np.mgrid[-r:r + 1, -r:r + 1]
+    keep = dy ** 2 + dx ** 2 <= radius ** 2
+    dy, dx = dy[keep], dx[keep]
+    c = np.rint(centres[:, :2]).astype(np.int64)
+    y, x = (c[:, :1] + dy).ravel(), (c[:, 1:] + dx).ravel()
+    ok = (y >= 0) & (y < shape[0]) & (x >= 0) & (x < shape[1])
+    out[y[ok], x[ok]] = True
+    return out
 
 
 class PeakDataModule(L.LightningDataModule):
@@ -197,34 +216,6 @@ class LabelledFrames:
         return {"image": image, "label": label}
 
 
-class LatticeShots:
-    """``n`` simulated lattice-stills shots, every panel: item ``i`` (from ``(seed, i)`` only) is ``image``
-    float32 [P, H, W] (raw ADU), ``label`` uint8 [P, H, W], ``good`` bool [P, H, W] (the shot's bad-pixel mask)
-    and ``peaks``: per panel ``[n, 3]`` ``(ss, fs, photons)`` of the visible reflections."""
-
-    def __init__(self, n: int, detector, cfg=None, seed: int = 0):
-        self.n, self.detector, self.cfg, self.seed = int(n), detector, cfg, int(seed)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def shot(self, i: int):
-        from vitkit.apps.peaks.lattice import simulate_shot
-
-        if not 0 <= i < self.n:
-            raise IndexError(f"shot {i} out of range for {self.n} shots")
-        return simulate_shot(np.random.default_rng(np.random.SeedSequence([self.seed, i])), self.detector, self.cfg)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        shot = self.shot(i)
-        r = shot.reflections
-        vis = np.asarray(r["visible"], dtype=bool)
-        peaks = [np.stack([r["ss"][vis & (r["panel"] == k)], r["fs"][vis & (r["panel"] == k)],
-                           r["photons"][vis & (r["panel"] == k)]], 1).astype(np.float32)
-                 for k in range(len(self.detector))]
-        return {"image": shot.images, "label": shot.labels, "good": shot.good, "peaks": peaks}
-
-
 def make_source(split: str, source: str, frame_shape, num_train: int, num_val: int, num_test: int, seed: int,
                 train=None, val=None, test=None, key=None, synth=None, detector=None, lattice=None, **_):
     """Data of one split: simulated (disjoint seeds per split) or from files."""
@@ -236,9 +227,9 @@ def make_source(split: str, source: str, frame_shape, num_train: int, num_val: i
         if n == 0:
             return None
         cfg = LatticeConfig(**(lattice or {}))
-        if split == "test":  # held out: whole shots, every panel
-            return LatticeShots(n, detector, cfg, seed=seed * 10 + offset)
-        return LatticeStillsDataset(n, detector, cfg, seed=seed * 10 + offset)
+        # held out: whole shots, every panel; training and validation: one panel of a fresh shot per item
+        return LatticeStillsDataset(n, detector, cfg, seed=seed * 10 + offset,
+                                    panels_per_item=None if split == "test" else 1)
     if source == "synthetic":
         from vitkit.apps.peaks.synthetic import SynthConfig, SyntheticPeakDataset
 

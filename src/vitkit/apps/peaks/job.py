@@ -53,6 +53,8 @@ def event_of(item) -> np.ndarray:
     ``[H, W]`` (or ``[1, H, W]``) is a one-panel event."""
     img = item["image"] if isinstance(item, dict) else item
     img = np.asarray(img.numpy() if torch.is_tensor(img) else img, dtype=np.float32)
+    if img.ndim == 4 and img.shape[1] == 1:  # panels with a channel axis [P, 1, H, W]
+        img = img[:, 0]
     return img[None] if img.ndim == 2 else img
 
 
@@ -138,40 +140,51 @@ class _SlabView:
         return ev[0] if self.detector is None else self.detector.to_slab(ev)
 
 
-def evaluate(pred_masks, pred_peaks, true_masks, true_peaks, radius: float = 2.0) -> dict[str, float]:
+def evaluate(pred_masks, pred_peaks, true_masks, true_peaks, radius: float = 2.0, weak=None) -> dict[str, float]:
     """Pixel IoU/Dice and peak precision/recall/F1/centroid RMSE, panel by panel.
 
     ``pred_masks`` / ``true_masks``: per event ``[P, H, W]`` (or per frame ``[H, W]``); ``pred_peaks``: per
     event a peak table (or ``[n, 2+]`` rows ``(y, x, ...)``); ``true_peaks``: per event a list of ``[n, 2+]``
-    ``(ss, fs, ...)`` arrays, one per panel (or per frame one array).
+    ``(ss, fs, ...)`` arrays, one per panel (or per frame one array); ``weak``: like ``true_peaks``, the
+    don't-care reflections (a prediction on one is neither a true nor a false positive), or None.
     """
     from vitkit.apps.peaks.metrics import peak_metrics, pixel_metrics
     from vitkit.apps.peaks.peakfind import as_peak_table
 
-    pm, tm, pp, tp = [], [], [], []
-    for m_pred, m_true, t_pred, t_true in zip(pred_masks, true_masks, pred_peaks, true_peaks):
+    pm, tm, pp, tp, ig = [], [], [], [], []
+    weak = [None] * len(true_peaks) if weak is None else weak
+    for m_pred, m_true, t_pred, t_true, w in zip(pred_masks, true_masks, pred_peaks, true_peaks, weak):
         m_pred, m_true = np.asarray(m_pred), np.asarray(m_true)
         if m_pred.ndim == 2:
-            m_pred, m_true, t_true = m_pred[None], m_true[None], [t_true]
+            m_pred, m_true, t_true, w = m_pred[None], m_true[None], [t_true], None if w is None else [w]
         t_pred = as_peak_table(t_pred)
         for k in range(m_pred.shape[0]):
             pm.append(m_pred[k])
             tm.append(m_true[k] > 0)
             sel = t_pred[t_pred["panel"] == k]
             pp.append(np.stack([sel["ss"], sel["fs"]], 1))
-            tp.append(np.asarray(t_true[k], dtype=np.float64).reshape(-1, np.shape(t_true[k])[-1] or 2)[:, :2])
+            tp.append(_rows(t_true[k]))
+            ig.append(np.zeros((0, 2)) if w is None else _rows(w[k]))
     result = dict(pixel_metrics(pm, tm))
-    result.update(peak_metrics(pp, tp, radius=radius))
+    result.update(peak_metrics(pp, tp, radius=radius, ignore_list=ig))
     return result
 
 
-def truth_of(source) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
-    """True masks (per event ``[P, H, W]``) and peak lists (per event, one ``[n, 2+]`` ``(ss, fs, ...)`` array per
-    panel) of a labelled source: simulated items carry their peaks; labelled files get peaks from their label
-    components."""
+def _rows(a) -> np.ndarray:
+    a = np.asarray(a.numpy() if torch.is_tensor(a) else a, dtype=np.float64)
+    return a.reshape(-1, a.shape[-1] if a.ndim == 2 else 2)[:, :2]
+
+
+def truth_of(source) -> tuple[list[np.ndarray], list[list[np.ndarray]], list | None]:
+    """True masks (per event ``[P, H, W]``), peak lists (per event, one ``[n, 2+]`` ``(ss, fs, ...)`` array per
+    panel) and weak (don't-care) reflections (like the peaks; None when the source has none) of a labelled
+    source: simulated items carry their peaks; labelled files get peaks from their label components."""
     from vitkit.apps.peaks.peakfind import find_peaks
 
-    masks, peaks = [], []
+    def panels(p):
+        return [_rows(q) for q in p] if isinstance(p, (list, tuple)) else [_rows(p)]
+
+    masks, peaks, weak = [], [], []
     for i in range(len(source)):
         item = source[i]
         if not isinstance(item, dict) and getattr(source, "has_labels", False):
@@ -185,11 +198,10 @@ def truth_of(source) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
         if p is None:
             ev = event_of(item)
             peaks.append([find_peaks(lab[k], ev[k]) for k in range(len(lab))])
-        elif isinstance(p, (list, tuple)):
-            peaks.append([np.asarray(q, dtype=np.float32) for q in p])
         else:
-            peaks.append([np.asarray(p, dtype=np.float32)])
-    return masks, peaks
+            peaks.append(panels(p))
+        weak.append(None if item.get("weak") is None else panels(item["weak"]))
+    return masks, peaks, (weak if any(w is not None for w in weak) else None)
 
 
 def format_metrics(m: dict[str, float]) -> str:
@@ -311,12 +323,12 @@ def train(cfg) -> Path:
 
     test = data.frames("test")
     if test is not None:
-        true_masks, true_peaks = truth_of(test)
+        true_masks, true_peaks, weak = truth_of(test)
         p = cfg.predict
         finder = PeakFinder(model, data.detector, good=None, overlap=p.overlap, min_pixels=p.min_pixels,
                             min_peaks=p.min_peaks, max_peaks=p.max_peaks)
         res = predict(finder, test, run_dir, overlays=p.overlays, truth=true_peaks, keep_masks=True)
-        metrics = evaluate(res["masks"], res["peaks"], true_masks, true_peaks, radius=p.radius)
+        metrics = evaluate(res["masks"], res["peaks"], true_masks, true_peaks, radius=p.radius, weak=weak)
         metrics["num_frames"] = len(test)
         write_json(run_dir / "metrics.json", metrics)
         print("held-out frames:\n" + format_metrics(metrics))
