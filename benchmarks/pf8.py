@@ -192,10 +192,11 @@ def _events_and_masks(shots_calib) -> tuple[list[np.ndarray], list[np.ndarray | 
     return events, goods
 
 
-def evaluate_pf8(detector: Detector, events, goods, truth, params: Pf8Params, radius: float = 2.5
-                 ) -> dict[str, Any]:
+def evaluate_pf8(detector: Detector, events, goods, truth, params: Pf8Params, radius: float = 2.0,
+                 weak: Sequence | None = None) -> dict[str, Any]:
     """peakfinder8 with ``params`` on ``events`` scored against ``truth`` (per event, panel/fs/ss peak lists):
-    peak precision / recall / F1 / centroid RMSE pooled over events, matching per panel within ``radius`` px."""
+    peak precision / recall / F1 / centroid RMSE pooled over events, matching per panel within ``radius`` px;
+    ``weak``: per event, per panel ``[n, 2]`` ``(ss, fs)`` don't-care reflections (as ``vitkit evaluate``)."""
     n_p = len(detector.panels)
     pred_frames, true_frames = [], []
     t0 = time.perf_counter()
@@ -204,14 +205,15 @@ def evaluate_pf8(detector: Detector, events, goods, truth, params: Pf8Params, ra
         pred_frames += per_panel_points(found, n_p)
         true_frames += per_panel_points(tr, n_p)
     dt = time.perf_counter() - t0
-    m = peak_metrics(pred_frames, true_frames, radius=radius)
+    ignore = None if weak is None else [w for per_event in weak for w in per_event]
+    m = peak_metrics(pred_frames, true_frames, radius=radius, ignore_list=ignore)
     m["seconds_per_event"] = dt / max(len(events), 1)
     return m
 
 
 def tune_pf8(shots_calib: Iterable, truth: Sequence, grid: dict[str, Sequence[Any]] | None = None,
-             detector: Detector | None = None, radius: float = 2.5, base: Pf8Params | None = None,
-             log=None) -> tuple[Pf8Params, list[dict[str, Any]]]:
+             detector: Detector | None = None, radius: float = 2.0, base: Pf8Params | None = None,
+             log=None, weak: Sequence | None = None) -> tuple[Pf8Params, list[dict[str, Any]]]:
     """Grid search of peakfinder8's parameters maximising peak F1 on a calibration split.
 
     Args:
@@ -222,6 +224,7 @@ def tune_pf8(shots_calib: Iterable, truth: Sequence, grid: dict[str, Sequence[An
             (default :data:`DEFAULT_GRID`, 120 combinations).
         detector: the geometry (required).
         radius: matching radius (px), per panel.
+        weak: per shot, per panel don't-care reflections (:func:`evaluate_pf8`).
         base: values of the parameters the grid does not name.
 
     Returns:
@@ -242,7 +245,7 @@ def tune_pf8(shots_calib: Iterable, truth: Sequence, grid: dict[str, Sequence[An
     trials = []
     for combo in itertools.product(*(grid[k] for k in names)):
         params = replace(base, **dict(zip(names, combo)))
-        m = evaluate_pf8(detector, events, goods, truth, params, radius)
+        m = evaluate_pf8(detector, events, goods, truth, params, radius, weak)
         trials.append({"params": asdict(params), **m})
         if log is not None:
             log(f"  pf8 {dict(zip(names, combo))}: F1 {m['peak_f1']:.3f} (P {m['peak_precision']:.3f}, "

@@ -17,12 +17,15 @@ def instance_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (x - mean) / (std + eps)
 
 
-def robust_normalise(x: torch.Tensor, good: torch.Tensor | None = None, samples: int = 16384) -> torch.Tensor:
+def robust_normalise(x: torch.Tensor, good: torch.Tensor | None = None, samples: int = 16384,
+                     unit: torch.Tensor | float | None = None) -> torch.Tensor:
     """Detector-panel normalisation: ``asinh((x - median) / scale)`` per image over its good pixels.
 
     ``x`` is ``[..., H, W]`` (each ``[H, W]`` normalised on its own), ``good`` a bool mask of the same shape
     (True = good pixel) or None. ``scale = 1.4826 * MAD`` (the noise sigma for Gaussian noise), floored at
-    ``1e-3 * (1 + |median|)``. Median and MAD are estimated on at most ``samples`` good pixels taken on a
+    ``unit`` (one photon in ADU, when the detector says: in photon-counting data with a fraction of a photon
+    per pixel the MAD is far below one photon, and single photons would look like peaks; a float or one value
+    per image ``[N]`` of the flattened leading axes) or, without it, at ``1e-3 * (1 + |median|)``. Median and MAD are estimated on at most ``samples`` good pixels taken on a
     fixed stride, so one frame costs the same whatever its size. Unlike mean/std normalisation, a saturated
     hot pixel or a bright Bragg peak does not change the scale of the rest of the panel, and ``asinh`` keeps
     noise ~ linear while compressing peaks spanning five decades. Bad pixels come out as 0 (the background
@@ -38,7 +41,11 @@ def robust_normalise(x: torch.Tensor, good: torch.Tensor | None = None, samples:
     med = torch.nanmedian(sub, dim=1, keepdim=True).values
     med = torch.nan_to_num(med, nan=0.0)  # an image without good pixels
     mad = torch.nanmedian((sub - med).abs(), dim=1, keepdim=True).values
-    scale = torch.nan_to_num(1.4826 * mad, nan=1.0).clamp_min(1e-3 * (1 + med.abs()))
+    scale = torch.nan_to_num(1.4826 * mad, nan=1.0)
+    if unit is None:
+        scale = scale.clamp_min(1e-3 * (1 + med.abs()))
+    else:
+        scale = torch.maximum(scale, torch.as_tensor(unit, dtype=scale.dtype, device=scale.device).reshape(-1, 1))
     out = torch.asinh((flat - med) / scale)
     if g is not None:
         out = out.masked_fill(~g, 0.0)

@@ -66,9 +66,10 @@ class CropDataset(Dataset):
     """
 
     def __init__(self, source, crop: tuple[int, int], sigma: float | None = 0.33, seed: int = 0,
-                 peak_bias: float = 0.0, uniform: bool = False, weak_radius: float = 2.0):
+                 peak_bias: float = 0.0, uniform: bool = False, weak_radius: float = 2.0, detector=None):
         self.source, self.crop, self.sigma, self.seed = source, tuple(crop), sigma, seed
         self.peak_bias, self.uniform, self.weak_radius = peak_bias, uniform, weak_radius
+        self.unit = None if detector is None else detector.photon_adu()  # as PeakFinder normalises
 
     def __len__(self) -> int:
         return len(self.source)
@@ -81,7 +82,8 @@ class CropDataset(Dataset):
         label = torch.as_tensor(np.asarray(item["label"]), dtype=torch.int64)
         good = item.get("good")
         valid = torch.ones(label.shape, dtype=torch.bool) if good is None else torch.as_tensor(np.asarray(good))
-        image = robust_normalise(image, valid[None])
+        unit = None if self.unit is None else float(self.unit[int(item.get("panel", 0))])
+        image = robust_normalise(image, valid[None], unit=unit)
         weak = item.get("weak")
         if weak is not None and len(weak):  # weak reflections: neither peak nor background for the loss
             valid = valid & ~torch.from_numpy(_disks(np.asarray(weak), label.shape, self.weak_radius))
@@ -155,6 +157,11 @@ class PeakDataModule(L.LightningDataModule):
             from vitkit.apps.peaks.detector import load_detector
 
             self.detector = load_detector(detector or "epix10k2m")
+            adu = (lattice or {}).get("adu_per_photon")
+            if adu is not None:  # the simulated ADU scale is the run's detector's (PeakFinder normalises by it)
+                self.detector = self.detector.replace(adu_per_photon=float(adu),
+                                                      panels=[p.replace(adu_per_photon=None) for p in
+                                                              self.detector.panels])
         self.kw = dict(source=source, frame_shape=tuple(frame_shape), crop=tuple(crop), sigma=polar_crop_sigma,
                        num_train=num_train, num_val=num_val, num_test=num_test, seed=seed, train=train, val=val,
                        test=test, key=key, synth=dict(synth or {}), detector=self.detector,
@@ -179,12 +186,14 @@ class PeakDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         crop, seed = self.kw["crop"], self.kw["seed"]
         panels = self.kw["source"] == "lattice"  # panels: crops anywhere (no beam centre), biased to peaks
-        self.train_set = CropDataset(self.frames("train"), crop, self.kw["sigma"], seed, self.peak_bias, panels)
+        det = self.detector
+        self.train_set = CropDataset(self.frames("train"), crop, self.kw["sigma"], seed, self.peak_bias, panels,
+                                     detector=det)
         val = self.frames("val")
         self.val_set = None
         if val is not None:  # deterministic crops (seeded by index); panels keep the training placement rule
             self.val_set = CropDataset(val, crop, self.kw["sigma"] if panels else None, seed + 1, self.peak_bias,
-                                       panels)
+                                       panels, detector=det)
 
     def train_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)

@@ -189,6 +189,12 @@ class Detector:
                                 f"or per panel.")
         return float(clen)
 
+    def photon_adu(self) -> np.ndarray | None:
+        """ADU of one photon per panel ``[P]`` (the panel's ``adu_per_photon``, else the detector's), or None
+        when the geometry does not say."""
+        vals = [p.adu_per_photon or self.adu_per_photon for p in self.panels]
+        return None if any(v is None for v in vals) else np.asarray(vals, dtype=np.float64)
+
     def panel_index(self, name_or_index) -> int:
         if isinstance(name_or_index, (int, np.integer)):
             return int(name_or_index)

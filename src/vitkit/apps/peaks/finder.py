@@ -230,16 +230,52 @@ class EventSource:
 
 
 # ------------------------------------------------------------------------------------------- peaks
+def merge_close(c: dict[str, np.ndarray], radius: float) -> dict[str, np.ndarray]:
+    """Merge components (:func:`~vitkit.apps.peaks.peakfind.measure_components` output) whose centroids lie
+    closer than ``radius`` px, transitively: one peak with summed intensity and pixels, the brightest pixel and
+    the intensity-weighted centroid (one spot cut in two by noise or a streak is one peak, as the simulator's
+    truth merges reflections closer than its ``min_separation``)."""
+    n = len(c["y"])
+    if radius <= 0 or n < 2:
+        return c
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    pairs = cKDTree(np.stack([c["y"], c["x"]], 1)).query_pairs(radius, output_type="ndarray")
+    if not len(pairs):
+        return c
+    _, group = connected_components(coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n)),
+                                    directed=False)
+    _, first = np.unique(group, return_index=True)
+    order = np.argsort(first)  # groups in the order of their first component (raster order kept)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    g = rank[group]
+    m = len(order)
+    w = np.maximum(c["intensity"], 0.0) + 1e-12
+    sw = np.bincount(g, w, minlength=m)
+    out = {"y": np.bincount(g, w * c["y"], minlength=m) / sw, "x": np.bincount(g, w * c["x"], minlength=m) / sw,
+           "intensity": np.bincount(g, c["intensity"], minlength=m),
+           "npix": np.bincount(g, c["npix"], minlength=m).astype(np.int64)}
+    mx = np.full(m, -np.inf)
+    np.maximum.at(mx, g, c["max_value"])
+    out["max_value"] = mx
+    return out
+
+
 def event_peaks(detector: Detector | None, event: np.ndarray, mask: np.ndarray, min_pixels: int = 1,
-                max_peaks: int | None = 2048, min_peaks: int = 0, good: np.ndarray | None = None) -> np.ndarray:
+                max_peaks: int | None = 2048, min_peaks: int = 0, good: np.ndarray | None = None,
+                merge_radius: float = 0.0) -> np.ndarray:
     """Peak table of one event from its peak mask ``[P, H, W]`` (already AND-ed with the good pixels):
-    8-connected components per panel, intensity-weighted centroids and sums on the raw event. With ``good``
-    (``[P, H, W]``, True = good), a peak whose centroid falls on a bad pixel is dropped: its own pixels are
-    good, but the place it reports is not."""
+    8-connected components per panel, intensity-weighted centroids and sums on the raw event, components
+    closer than ``merge_radius`` px merged (:func:`merge_close`). With ``good`` (``[P, H, W]``, True = good), a
+    peak whose centroid falls on a bad pixel is dropped: its own pixels are good, but the place it reports is
+    not."""
 
     parts = []
     for k in range(event.shape[0]):
-        c = measure_components(mask[k], event[k], min_pixels=min_pixels)
+        c = merge_close(measure_components(mask[k], event[k], min_pixels=min_pixels), merge_radius)
         if good is not None and len(c["y"]):
             h, w = good.shape[-2:]
             on = good[k, np.clip(np.rint(c["y"]).astype(np.int64), 0, h - 1),
@@ -278,6 +314,10 @@ class PeakFinder:
         overlap: sliding-window overlap inside a panel; batch_size: windows per forward pass.
         min_pixels, min_peaks, max_peaks: peak filters (per peak; per event: fewer than ``min_peaks`` -> none,
             more than ``max_peaks`` -> the brightest).
+        merge_radius: components whose centroids are closer than this (px) are one peak (:func:`merge_close`).
+        hysteresis: peak pixels are where the peak class wins (probability > 0.5); each peak then grows into
+            the pixels connected to it whose peak probability exceeds ``hysteresis`` (Canny's hysteresis), so a
+            streak the model is less sure of in its middle stays one peak. None: no growing.
 
     Usage::
 
@@ -287,12 +327,14 @@ class PeakFinder:
     """
 
     def __init__(self, model, detector=None, good=None, device: str | torch.device = "cpu", overlap: float = 0.25,
-                 batch_size: int = 32, min_pixels: int = 2, min_peaks: int = 0, max_peaks: int | None = 2048):
+                 batch_size: int = 32, min_pixels: int = 2, min_peaks: int = 0, max_peaks: int | None = 2048,
+                 merge_radius: float = 3.0, hysteresis: float | None = 0.25):
         self.model = model.eval().to(device)
         self.device = torch.device(device)
         self.detector = None if detector is None else load_detector(detector)
         self.overlap, self.batch_size = overlap, batch_size
         self.min_pixels, self.min_peaks, self.max_peaks = min_pixels, min_peaks, max_peaks
+        self.merge_radius, self.hysteresis = merge_radius, hysteresis
         self.good = None
         if self.detector is not None:
             if isinstance(good, (str, os.PathLike)):
@@ -351,9 +393,28 @@ class PeakFinder:
         g = self._good(ev.shape, good)
         gt = None if g is None else torch.from_numpy(np.array(g))
         x = torch.from_numpy(np.ascontiguousarray(ev, dtype=np.float32)).reshape(n * p, 1, h, w)
-        x = robust_normalise(x, None if gt is None else gt.reshape(n * p, 1, h, w)).to(self.device)
+        unit = None if self.detector is None else self.detector.photon_adu()
+        if unit is not None:
+            unit = torch.from_numpy(np.tile(unit, n)).float()
+        x = robust_normalise(x, None if gt is None else gt.reshape(n * p, 1, h, w), unit=unit).to(self.device)
         probs = semantic_inference(self.model, x, overlap=self.overlap, batch_size=self.batch_size)
         out = (probs[:, 1] > probs[:, 0]).cpu().numpy().reshape(n, p, h, w)
+        if self.hysteresis is not None:  # grow each peak into its connected pixels above the low threshold
+            from scipy import ndimage
+
+            low = (probs[:, 1] > self.hysteresis * (probs[:, 0] + probs[:, 1])).cpu().numpy().reshape(n, p, h, w)
+            if g is not None:
+                low &= g
+            three = np.ones((3, 3), dtype=bool)
+            for i in range(n):
+                for k in range(p):
+                    core = out[i, k]
+                    if not core.any():
+                        continue
+                    if self.min_pixels > 1:  # seeds are cores of at least min_pixels pixels
+                        lab, _ = ndimage.label(core, structure=three)
+                        core = core & (np.bincount(lab.ravel())[lab] >= self.min_pixels)
+                    out[i, k] = ndimage.binary_propagation(core, structure=three, mask=low[i, k] | core)
         if g is not None:
             out &= g
         return out
@@ -363,7 +424,7 @@ class PeakFinder:
         ev = self._events(events)
         g = self._good(ev.shape, good)
         return [event_peaks(self.detector, e, m, self.min_pixels, self.max_peaks, self.min_peaks,
-                            None if g is None else g[i]) for i, (e, m) in enumerate(zip(ev, masks))]
+                            None if g is None else g[i], self.merge_radius) for i, (e, m) in enumerate(zip(ev, masks))]
 
     def __call__(self, events) -> list[np.ndarray]:
         """Peak tables (:data:`PEAK_DTYPE`), one per event, of an event ``[P, H, W]`` or events ``[N, P, H, W]``
