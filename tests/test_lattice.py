@@ -275,7 +275,7 @@ def test_wilson_draws_are_equal_for_symmetry_mates():
 # -------------------------------------------------------------------------------------------- (6) water
 def test_water_ring_is_where_water_scatters():
     cfg = LatticeConfig(water_amplitude=(3.0, 3.0), water_ring_d=(3.15, 3.15), intensity_scale=(1e-3, 1e-3),
-                        air_amplitude=(0.3, 0.3), background=(0.1, 0.1))
+                        air_amplitude=(0.3, 0.3), background=(0.1, 0.1), hot_fraction=0.0)  # means: no hot pixels
     shot = simulate_shot(0, EPIX, cfg)
     lam = shot.wavelength * 1e10
     half = 0.09 / 2

@@ -128,7 +128,8 @@ def _finder(args: argparse.Namespace):
         mask_file = Path(finder.detector.mask_file)
         if not mask_file.is_absolute():
             mask_file = Path(args.geometry).parent / mask_file
-        finder.good &= read_mask(mask_file, finder.detector, finder.detector.mask)
+        finder.good &= read_mask(mask_file, finder.detector, finder.detector.mask, _bits(args.mask_good),
+                                 _bits(args.mask_bad))
     return finder
 
 

@@ -419,19 +419,18 @@ _REFL_READ_SCRIPT = textwrap.dedent('''
     from dials.array_family import flex
 
     t = flex.reflection_table.from_file(sys.argv[1])
-    out = {}
+    out, skipped = {}, []
     for k in t.keys():
         col = t[k]
-        try:
-            a = np.asarray(col.as_numpy_array()) if hasattr(col, "as_numpy_array") else None
-        except Exception:
-            a = None
-        if a is None:
-            try:
-                a = np.array([tuple(v) if hasattr(v, "__len__") else v for v in col])
-            except Exception:
-                continue
+        if hasattr(col, "as_numpy_array"):
+            a = np.asarray(col.as_numpy_array())
+        elif k in ("shoebox",):  # no array form: named in skipped_columns, not silently dropped
+            skipped.append(k)
+            continue
+        else:
+            a = np.array([tuple(v) if hasattr(v, "__len__") else v for v in col])
         out[k.replace(".", "__")] = a
+    out["skipped_columns"] = np.array(skipped, dtype=str)
     out["flags_strong"] = np.asarray(t.get_flags(t.flags.strong).as_numpy_array())
     out["identifiers_keys"] = np.array(list(t.experiment_identifiers().keys()), dtype=np.int64)
     out["identifiers_values"] = np.array(list(t.experiment_identifiers().values()))
@@ -442,7 +441,8 @@ _REFL_READ_SCRIPT = textwrap.dedent('''
 def read_reflections(path) -> dict[str, np.ndarray]:
     """Read a ``.refl`` file's plain columns into NumPy arrays (via DIALS): keys are the column names
     (``xyzobs.px.value`` ``[n, 3]``, ``panel``, ``id``, ``bbox`` ``[n, 6]``, ...), plus ``flags_strong`` and
-    the ``experiment_identifiers`` map as ``identifiers`` (dict). Columns DIALS cannot export are skipped."""
+    the ``experiment_identifiers`` map as ``identifiers`` (dict); ``skipped_columns`` names columns with no array
+    form (shoeboxes)."""
     with tempfile.TemporaryDirectory(prefix="vitkit_refl_") as td:
         out = Path(td) / "cols.npz"
         _run(_REFL_READ_SCRIPT, [Path(path).resolve(), out], "reading the reflection table")

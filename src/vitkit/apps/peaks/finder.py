@@ -171,7 +171,7 @@ def read_mask(path: str | os.PathLike, detector: Detector, key: str | None = Non
         g = int(good_bits or 0)
         good = ((a & g) == g) & ((a & int(bad_bits or 0)) == 0)
     try:
-        return detector.to_panels(good, f"mask {path}")[0] if good.ndim < 4 else good[0]
+        return detector.to_panels(good, f"mask {path}")[0]
     except DetectorShapeError as e:
         raise DetectorShapeError(f"{e} A mask has one value per pixel of one event.") from None
 
@@ -201,7 +201,7 @@ class EventSource:
             raise DetectorShapeError(
                 f"{self.path}: frames of shape {fshape} ({len(frames)} of them) do not fit the detector "
                 f"{detector._where()}: expected [{n}, {', '.join(map(str, stack))}] panel stacks or "
-                f"[{n}, {slab[0]}, {slab[1]}] slabs. Check --geometry (the file's detector has "
+                f"[{n}, {slab[0]}, {slab[1]}] slabs. Check --geometry (it describes "
                 f"{len(detector)} panels of {stack[1]} x {stack[2]}).")
         frames.check_finite = False  # checked here, against the good pixels
         for part in getattr(frames, "sources", []):

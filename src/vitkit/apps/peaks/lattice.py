@@ -484,10 +484,10 @@ class LatticeConfig:
     CSPAD 1 x 2), else 2 x 2 when both sides are even."""
     shot_noise: str = "poisson"
     """``"poisson"`` (exact), ``"gaussian"`` (normal approximation, same variance) or ``"none"``."""
-    dead_fraction: float = 1e-4
+    dead_fraction: float = 5e-4
     """Fraction of pixels that read 0."""
-    hot_fraction: float = 5e-5
-    """Fraction of pixels that read high."""
+    hot_fraction: float = 2e-3
+    """Fraction of pixels that read high (0.2 %: what LCLS epix10k2M runs with a stale mask show)."""
     hot_level: tuple[float, float] = (0.2, 1.0)
     """Hot-pixel value as a fraction of ``max_adu`` (uniform)."""
     hot_saturated_fraction: float = 0.5
