@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         m, dl, tm = d["peaks"], d.get("dials", {}), d.get("timing", {})
         rows.append([name, fmt(m["peak_precision"]), fmt(m["peak_recall"]), fmt(m["peak_f1"]),
-                     fmt(d["peaks_strict"]["peak_f1"]), fmt(m["centroid_rmse_px"]), fmt(tm.get("frames_per_s_per_core"), ".1f"),
+                     fmt(d["peaks_strict"]["peak_f1"]), fmt(m["centroid_rmse_px"]),
+                     fmt(tm.get("frames_per_s_per_core"), ".1f"),
                      fmt(dl.get("indexing_rate")), fmt(dl.get("indexing_rate_hits")),
                      fmt(dl.get("correct_orientation_rate")), fmt(dl.get("median_orientation_error_deg"), ".3f")])
     print()

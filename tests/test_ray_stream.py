@@ -23,8 +23,8 @@ from vitkit.infer.stages import FileStream, pack_masks, unpack_masks
 
 # a tiny EoMT trained for a few steps finds real peaks on 64 x 64 windows (F1 ~0.7 on held-out frames)
 TRAIN = ["data=synthetic", "trainer.max_steps=16", "module.lr=1e-2", "module.warmup_steps=2", "model.embed_dim=32",
-         "model.depth=2", "model.num_q=4", "data.num_train=64", "data.num_val=2", "data.num_test=0", "data.frame_shape=[64,64]",
-         "trainer.val_check_interval=16", "predict.overlays=0"]
+         "model.depth=2", "model.num_q=4", "data.num_train=64", "data.num_val=2", "data.num_test=0",
+         "data.frame_shape=[64,64]", "trainer.val_check_interval=16", "predict.overlays=0"]
 N, SHAPE, SEED = 64, (64, 96), 7  # 96 wide: two overlapping 64 x 64 windows per frame
 # 2 Ray CPUs: two actors at 0.5 + two peak tasks at 0.5
 RES = ["model.num_cpus=0.5", "peaks.num_cpus=0.5", "peaks.workers=2", "report_every_s=0"]

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from vitkit.apps.peaks.peakfind import LONE_PIXEL_RATIO, lone_pixels
 from vitkit.tasks.transforms import crop_at, pad_to, polar_center_crop_box, random_crop_box, robust_normalise
 
 
@@ -66,8 +67,10 @@ class CropDataset(Dataset):
     """
 
     def __init__(self, source, crop: tuple[int, int], sigma: float | None = 0.33, seed: int = 0,
-                 peak_bias: float = 0.0, uniform: bool = False, weak_radius: float = 2.0, detector=None):
+                 peak_bias: float = 0.0, uniform: bool = False, weak_radius: float = 2.0, detector=None,
+                 lone_pixel_ratio: float | None = None):
         self.source, self.crop, self.sigma, self.seed = source, tuple(crop), sigma, seed
+        self.lone_pixel_ratio = lone_pixel_ratio
         self.peak_bias, self.uniform, self.weak_radius = peak_bias, uniform, weak_radius
         self.unit = None if detector is None else detector.photon_adu()  # as PeakFinder normalises
 
@@ -83,6 +86,9 @@ class CropDataset(Dataset):
         good = item.get("good")
         valid = torch.ones(label.shape, dtype=torch.bool) if good is None else torch.as_tensor(np.asarray(good))
         unit = None if self.unit is None else float(self.unit[int(item.get("panel", 0))])
+        if self.lone_pixel_ratio is not None:  # as PeakFinder: pixels bright on their own are bad pixels
+            valid = valid & ~torch.from_numpy(lone_pixels(image[0].numpy(), valid.numpy(), self.lone_pixel_ratio,
+                                                          unit))
         image = robust_normalise(image, valid[None], unit=unit)
         weak = item.get("weak")
         if weak is not None and len(weak):  # weak reflections: neither peak nor background for the loss
@@ -187,13 +193,14 @@ class PeakDataModule(L.LightningDataModule):
         crop, seed = self.kw["crop"], self.kw["seed"]
         panels = self.kw["source"] == "lattice"  # panels: crops anywhere (no beam centre), biased to peaks
         det = self.detector
+        lone = LONE_PIXEL_RATIO  # PeakFinder's default rule: the model never sees a lone hot pixel
         self.train_set = CropDataset(self.frames("train"), crop, self.kw["sigma"], seed, self.peak_bias, panels,
-                                     detector=det)
+                                     detector=det, lone_pixel_ratio=lone)
         val = self.frames("val")
         self.val_set = None
         if val is not None:  # deterministic crops (seeded by index); panels keep the training placement rule
             self.val_set = CropDataset(val, crop, self.kw["sigma"] if panels else None, seed + 1, self.peak_bias,
-                                       panels, detector=det)
+                                       panels, detector=det, lone_pixel_ratio=lone)
 
     def train_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)

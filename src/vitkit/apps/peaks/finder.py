@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from vitkit.apps.peaks.detector import Detector, DetectorShapeError, load_detector
-from vitkit.apps.peaks.peakfind import PEAK_DTYPE, empty_peaks, measure_components
+from vitkit.apps.peaks.peakfind import LONE_PIXEL_RATIO, PEAK_DTYPE, empty_peaks, measure_components
 from vitkit.errors import CheckpointError, InputError
 
 __all__ = ["PEAK_DTYPE", "PeakFinder", "empty_peaks", "load_model", "read_mask", "bad_region_mask",
@@ -272,7 +272,6 @@ def event_peaks(detector: Detector | None, event: np.ndarray, mask: np.ndarray, 
     closer than ``merge_radius`` px merged (:func:`merge_close`). With ``good`` (``[P, H, W]``, True = good), a
     peak whose centroid falls on a bad pixel is dropped: its own pixels are good, but the place it reports is
     not."""
-
     parts = []
     for k in range(event.shape[0]):
         c = merge_close(measure_components(mask[k], event[k], min_pixels=min_pixels), merge_radius)
@@ -318,6 +317,9 @@ class PeakFinder:
         hysteresis: peak pixels are where the peak class wins (probability > 0.5); each peak then grows into
             the pixels connected to it whose peak probability exceeds ``hysteresis`` (Canny's hysteresis), so a
             streak the model is less sure of in its middle stays one peak. None: no growing.
+        lone_pixel_ratio: pixels bright on their own (unmasked hot pixels, zingers;
+            :func:`~vitkit.apps.peaks.peakfind.lone_pixels`) are bad pixels of the event; None: no such check.
+            Training applies the same rule (the data module), so the model never sees them.
 
     Usage::
 
@@ -328,13 +330,14 @@ class PeakFinder:
 
     def __init__(self, model, detector=None, good=None, device: str | torch.device = "cpu", overlap: float = 0.25,
                  batch_size: int = 32, min_pixels: int = 2, min_peaks: int = 0, max_peaks: int | None = 2048,
-                 merge_radius: float = 3.0, hysteresis: float | None = 0.25):
+                 merge_radius: float = 3.0, hysteresis: float | None = 0.25,
+                 lone_pixel_ratio: float | None = LONE_PIXEL_RATIO):
         self.model = model.eval().to(device)
         self.device = torch.device(device)
         self.detector = None if detector is None else load_detector(detector)
         self.overlap, self.batch_size = overlap, batch_size
         self.min_pixels, self.min_peaks, self.max_peaks = min_pixels, min_peaks, max_peaks
-        self.merge_radius, self.hysteresis = merge_radius, hysteresis
+        self.merge_radius, self.hysteresis, self.lone_pixel_ratio = merge_radius, hysteresis, lone_pixel_ratio
         self.good = None
         if self.detector is not None:
             if isinstance(good, (str, os.PathLike)):
@@ -368,17 +371,26 @@ class PeakFinder:
         raise InputError(f"PeakFinder: expected an event [P, H, W], events [N, P, H, W] or frames [N, H, W], "
                          f"found shape {a.shape}.")
 
-    def _good(self, shape: tuple[int, int, int, int], good: np.ndarray | None) -> np.ndarray | None:
-        """The finder's good pixels AND a call's own (``[P, H, W]`` or ``[N, P, H, W]``), as ``[N, P, H, W]``."""
+    def _good(self, ev: np.ndarray, good: np.ndarray | None) -> np.ndarray | None:
+        """Good pixels ``[N, P, H, W]`` of events ``ev``: the finder's mask AND a call's own (``[P, H, W]`` or
+        ``[N, P, H, W]``) AND NOT the events' lone pixels (``lone_pixel_ratio``)."""
+        shape = ev.shape
         for g in (self.good, good):
             if g is not None and np.shape(g)[-3:] != shape[1:]:
                 raise DetectorShapeError(f"PeakFinder: the mask has shape {np.shape(g)}, the events {shape[1:]}; "
                                          f"expected one mask value per pixel of an event.")
-        if good is None and self.good is None:
-            return None
         g = self.good if good is None else (np.asarray(good, dtype=bool) if self.good is None
                                              else self.good & np.asarray(good, dtype=bool))
-        return np.broadcast_to(g, shape)
+        if self.lone_pixel_ratio is None:
+            return None if g is None else np.broadcast_to(g, shape)
+        from vitkit.apps.peaks.peakfind import lone_pixels
+
+        unit = None if self.detector is None else self.detector.photon_adu()
+        g = np.ones(shape, dtype=bool) if g is None else np.array(np.broadcast_to(g, shape))
+        for i in range(shape[0]):  # hot pixels the mask missed, zingers: bad pixels of this event
+            for k in range(shape[1]):
+                g[i, k] &= ~lone_pixels(ev[i, k], g[i, k], self.lone_pixel_ratio, None if unit is None else unit[k])
+        return g
 
     @torch.no_grad()
     def masks(self, events, good: np.ndarray | None = None) -> np.ndarray:
@@ -390,10 +402,10 @@ class PeakFinder:
 
         ev = self._events(events)
         n, p, h, w = ev.shape
-        g = self._good(ev.shape, good)
+        g = self._good(ev, good)
+        unit = None if self.detector is None else self.detector.photon_adu()
         gt = None if g is None else torch.from_numpy(np.array(g))
         x = torch.from_numpy(np.ascontiguousarray(ev, dtype=np.float32)).reshape(n * p, 1, h, w)
-        unit = None if self.detector is None else self.detector.photon_adu()
         if unit is not None:
             unit = torch.from_numpy(np.tile(unit, n)).float()
         x = robust_normalise(x, None if gt is None else gt.reshape(n * p, 1, h, w), unit=unit).to(self.device)
@@ -422,7 +434,7 @@ class PeakFinder:
     def peaks(self, events, masks: np.ndarray, good: np.ndarray | None = None) -> list[np.ndarray]:
         """Peak tables of raw events from their :meth:`masks` (``good`` as given to :meth:`masks`)."""
         ev = self._events(events)
-        g = self._good(ev.shape, good)
+        g = self._good(ev, good)
         return [event_peaks(self.detector, e, m, self.min_pixels, self.max_peaks, self.min_peaks,
                             None if g is None else g[i], self.merge_radius) for i, (e, m) in enumerate(zip(ev, masks))]
 

@@ -1075,7 +1075,8 @@ class LatticeStillsDataset(torch.utils.data.Dataset):
 
     Items (``panels_per_item = 1``): ``image`` float32 ``[1, H, W]`` (ADU, raw), ``label`` int64 ``[H, W]``,
     ``good`` bool ``[H, W]``, ``peaks`` float32 ``[n, 3]`` ``(ss, fs, photons)`` of the truth peaks on the panel,
-    ``weak`` float32 ``[m, 2]`` ``(ss, fs)`` of its weak reflections (:meth:`Shot.weak`), ``panel`` int. With ``panels_per_item = k > 1`` (or ``None`` for all panels): ``image`` ``[k, 1, H, W]``,
+    ``weak`` float32 ``[m, 2]`` ``(ss, fs)`` of its weak reflections (:meth:`Shot.weak`), ``panel`` int. With
+    ``panels_per_item = k > 1`` (or ``None`` for all panels): ``image`` ``[k, 1, H, W]``,
     ``label`` ``[k, H, W]``, ``good`` ``[k, H, W]``, ``peaks`` and ``weak`` lists of ``k`` tensors and ``panel``
     int64 ``[k]``.
     Batch with :func:`collate_lattice`.
