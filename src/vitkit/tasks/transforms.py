@@ -27,9 +27,10 @@ def robust_normalise(x: torch.Tensor, good: torch.Tensor | None = None, samples:
     per pixel the MAD is far below one photon, and single photons would look like peaks; a float or one value
     per image ``[N]`` of the flattened leading axes) or, without it, at ``1e-3 * (1 + |median|)``. Median and
     MAD are estimated on at most ``samples`` good pixels taken on a fixed stride, so one frame costs the same
-    whatever its size. Unlike mean/std normalisation, a saturated hot pixel or a bright Bragg peak does not change the scale of the rest of the panel, and ``asinh`` keeps
-    noise ~ linear while compressing peaks spanning five decades. Bad pixels come out as 0 (the background
-    level), so they carry no signal into the model.
+    whatever its size. Unlike mean/std normalisation, a saturated hot pixel or a bright Bragg peak does not
+    change the scale of the rest of the panel, and ``asinh`` keeps noise ~ linear while compressing peaks
+    spanning five decades. Bad pixels come out as 0 (the background level), so they carry no signal into the
+    model.
     """
     shape = x.shape
     flat = x.reshape(-1, shape[-2] * shape[-1]).float()
