@@ -112,6 +112,32 @@ def test_predict_multi_panel_stack_with_geometry_and_mask(trained_run, tmp_path)
     assert (tmp_path / "p" / "detector.geom").exists()
 
 
+def test_predict_writes_dials_inputs(trained_run, tmp_path):
+    from vitkit.apps.peaks import dials
+    from vitkit.apps.peaks.detector import builtin_detector
+    from vitkit.apps.peaks.io import read_csv_peaks
+    from vitkit.apps.peaks.lattice import LatticeConfig, LatticeStillsDataset
+
+    ok, why = dials.dials_available()
+    if not ok:
+        pytest.skip(f"DIALS not installed: {why}")
+    run, _ = trained_run
+    shots = LatticeStillsDataset(2, builtin_detector("epix10k2m"), LatticeConfig(intensity_scale=(3000, 3000)),
+                                 seed=5, panels_per_item=None)
+    np.save(tmp_path / "ev.npy", np.stack([shots[i]["image"][:, 0].numpy() for i in range(2)]))
+    res = run_cli("predict", str(run), str(tmp_path / "ev.npy"), "--out", str(tmp_path / "p"), "--dials",
+                  "--min-pixels", "1", "--threshold", "0.3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    refl = dials.read_reflections(tmp_path / "p" / "strong.refl")
+    tables = read_csv_peaks(tmp_path / "p" / "peaks.csv", n_frames=2)
+    assert len(refl["panel"]) == sum(len(t) for t in tables)
+    both = np.concatenate(tables)
+    np.testing.assert_array_equal(refl["panel"], both["panel"])
+    np.testing.assert_allclose(refl["xyzobs.px.value"][:, 0], both["fs"] + 0.5, atol=1e-6)  # DIALS: corner origin
+    np.testing.assert_allclose(refl["xyzobs.px.value"][:, 1], both["ss"] + 0.5, atol=1e-6)
+    assert (tmp_path / "p" / "imported.expt").stat().st_size > 1000
+
+
 def test_predict_and_evaluate_on_single_frames_of_any_size(trained_run, tmp_path):
     """Plain frames (not the run's detector) are one-panel events, as before."""
     from vitkit.apps.peaks.io import read_cxi_peaks, write_zarr

@@ -110,8 +110,12 @@ def _finder(args: argparse.Namespace):
     from vitkit.apps.peaks.finder import PeakFinder
 
     kw = dict(overlap=args.overlap)
+    if args.threshold is not None:
+        kw["threshold"] = args.threshold
     if args.command == "predict":
-        kw.update(min_pixels=args.min_pixels, min_peaks=args.min_peaks, max_peaks=args.max_peaks)
+        kw.update(min_peaks=args.min_peaks, max_peaks=args.max_peaks)
+        if args.min_pixels is not None:
+            kw["min_pixels"] = args.min_pixels
     finder = PeakFinder.from_run(args.checkpoint, geometry=args.geometry, **kw)
     if args.mask:
         if finder.detector is None:
@@ -146,6 +150,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     res = predict(finder, events, out, overlays=args.overlays, write_frames=args.write_frames)
     n = sum(len(p) for p in res["peaks"])
     print(f"{len(res['peaks'])} events, {n} peaks -> {out / 'peaks.cxi'}, {out / 'peaks.csv'}")
+    if args.dials:
+        from vitkit.apps.peaks import dials
+
+        if finder.detector is None:
+            from vitkit.errors import InputError
+
+            raise InputError("--dials needs a detector geometry (--geometry, or a run with detector.geom).")
+        dials.write_experiments(finder.detector, out / "imported.expt", n_images=len(res["peaks"]))
+        dials.write_reflections(finder.detector, res["peaks"], out / "strong.refl")
+        print(f"DIALS: {out / 'imported.expt'}, {out / 'strong.refl'} (e.g. dials.ssx_index imported.expt "
+              f"strong.refl unit_cell=... space_group=...)")
     print(out)
     return 0
 
@@ -266,12 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mask-bad", help="CrystFEL mask_bad bits: pixels with any of them set are bad (e.g. 0xffff "
                                           "for 0 = good)")
         p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
+        p.add_argument("--threshold", type=float, help="peak-class share of a peak core pixel (default 0.6)")
         if name == "predict":
             p.add_argument("--min-peaks", type=int, default=0, help="frames with fewer peaks report none")
             p.add_argument("--max-peaks", type=int, default=2048, help="keep at most this many (brightest)")
-            p.add_argument("--min-pixels", type=int, default=2, help="smallest peak (pixels)")
+            p.add_argument("--min-pixels", type=int, help="smallest peak core (pixels; default 3)")
             p.add_argument("--overlays", type=int, default=4, help="overlay PNGs to write")
             p.add_argument("--write-frames", action="store_true", help="also store the frames in the CXI")
+            p.add_argument("--dials", action="store_true", help="also write DIALS' imported.expt (the detector and "
+                                                                "beam, one still per event) and strong.refl")
             p.set_defaults(func=cmd_predict)
         else:
             p.add_argument("--radius", type=float, default=2.0, help="peak matching radius in pixels")

@@ -314,7 +314,11 @@ class PeakFinder:
         min_pixels, min_peaks, max_peaks: peak filters (per peak; per event: fewer than ``min_peaks`` -> none,
             more than ``max_peaks`` -> the brightest).
         merge_radius: components whose centroids are closer than this (px) are one peak (:func:`merge_close`).
-        hysteresis: peak pixels are where the peak class wins (probability > 0.5); each peak then grows into
+        threshold: peak pixels (cores) are where the peak class's share of the class probabilities exceeds
+            this (0.5: the peak class wins). The defaults (0.6, ``min_pixels`` 3) were chosen on simulated
+            calibration shots outside every training and held-out split (seeds 55 and 77: F1 0.966 / 0.980 vs
+            0.947 / 0.972 at 0.5 and 2 pixels); the model over-predicts slightly, it never under-predicts.
+        hysteresis: each peak core then grows into
             the pixels connected to it whose peak probability exceeds ``hysteresis`` (Canny's hysteresis), so a
             streak the model is less sure of in its middle stays one peak. None: no growing.
         lone_pixel_ratio: pixels bright on their own (unmasked hot pixels, zingers;
@@ -329,8 +333,8 @@ class PeakFinder:
     """
 
     def __init__(self, model, detector=None, good=None, device: str | torch.device = "cpu", overlap: float = 0.25,
-                 batch_size: int = 32, min_pixels: int = 2, min_peaks: int = 0, max_peaks: int | None = 2048,
-                 merge_radius: float = 3.0, hysteresis: float | None = 0.25,
+                 batch_size: int = 32, min_pixels: int = 3, min_peaks: int = 0, max_peaks: int | None = 2048,
+                 merge_radius: float = 3.0, threshold: float = 0.6, hysteresis: float | None = 0.25,
                  lone_pixel_ratio: float | None = LONE_PIXEL_RATIO):
         self.model = model.eval().to(device)
         self.device = torch.device(device)
@@ -338,6 +342,7 @@ class PeakFinder:
         self.overlap, self.batch_size = overlap, batch_size
         self.min_pixels, self.min_peaks, self.max_peaks = min_pixels, min_peaks, max_peaks
         self.merge_radius, self.hysteresis, self.lone_pixel_ratio = merge_radius, hysteresis, lone_pixel_ratio
+        self.threshold = threshold
         self.good = None
         if self.detector is not None:
             if isinstance(good, (str, os.PathLike)):
@@ -410,7 +415,7 @@ class PeakFinder:
             unit = torch.from_numpy(np.tile(unit, n)).float()
         x = robust_normalise(x, None if gt is None else gt.reshape(n * p, 1, h, w), unit=unit).to(self.device)
         probs = semantic_inference(self.model, x, overlap=self.overlap, batch_size=self.batch_size)
-        out = (probs[:, 1] > probs[:, 0]).cpu().numpy().reshape(n, p, h, w)
+        out = (probs[:, 1] > self.threshold * (probs[:, 0] + probs[:, 1])).cpu().numpy().reshape(n, p, h, w)
         if self.hysteresis is not None:  # grow each peak into its connected pixels above the low threshold
             from scipy import ndimage
 

@@ -326,7 +326,7 @@ def train(cfg) -> Path:
         true_masks, true_peaks, weak = truth_of(test)
         p = cfg.predict
         finder = PeakFinder(model, data.detector, good=None, overlap=p.overlap, min_pixels=p.min_pixels,
-                            min_peaks=p.min_peaks, max_peaks=p.max_peaks)
+                            min_peaks=p.min_peaks, max_peaks=p.max_peaks, threshold=p.threshold)
         res = predict(finder, test, run_dir, overlays=p.overlays, truth=true_peaks, keep_masks=True)
         metrics = evaluate(res["masks"], res["peaks"], true_masks, true_peaks, radius=p.radius, weak=weak)
         metrics["num_frames"] = len(test)
