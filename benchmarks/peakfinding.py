@@ -29,12 +29,9 @@ with the right orientation (<= 1 degree from the truth), the median orientation 
 processes. The JSON (``--out``/peakfinding.json) holds everything, including the tuned parameters, the tuning
 trials and per-shot indexing results.
 
-Measured (``--shots 40``, AMD EPYC, 2 logical CPUs shared with other jobs, DIALS 3.12 from Debian; ~7 min):
-truth: indexed 29/40 shots (26/27 hits; 11 of the 13 misses have < 5 true peaks), median orientation error
-0.020 deg; peakfinder8 (tuned: adc_threshold 5, minimum_snr 5, min_pixel_count 3, local_bg_radius 3):
-precision 0.898, recall 0.756, F1 0.821, centroid RMSE 0.47 px, 13.5 frames/s per core (2.16 Mpx events),
-indexed 32/40 (27/27 hits), median orientation error 0.018 deg; 216 of its 276 unmatched peaks sit on
-simulated reflections below the truth's visibility threshold.
+Measured: see benchmarks/RESULTS.md ("Real detectors"). ``--shots 20 --reps 1`` with the main job's run: tuned
+peakfinder8 F1 0.957 (strict 0.892), 12.6 events/s per core; vitkit F1 0.929 (strict 0.789), 0.13 events/s per
+core; DIALS indexes 16/20 shots for both (every hit), the truth 15/20.
 """
 
 from __future__ import annotations
