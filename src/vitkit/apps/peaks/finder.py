@@ -397,17 +397,35 @@ class PeakFinder:
                 g[i, k] &= ~lone_pixels(ev[i, k], g[i, k], self.lone_pixel_ratio, None if unit is None else unit[k])
         return g
 
-    @torch.no_grad()
+    def find(self, events, good: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``(masks [N, P, H, W], peak tables)`` of raw events; ``good``: this call's own good-pixel mask
+        (``[P, H, W]`` or per event ``[N, P, H, W]``), combined with the finder's."""
+        ev = self._events(events)
+        g = self._good(ev, good)
+        masks = self._masks(ev, g)
+        return masks, self._peaks(ev, masks, g)
+
     def masks(self, events, good: np.ndarray | None = None) -> np.ndarray:
-        """Peak masks ``[N, P, H, W]`` bool of raw events (the model's peak class, AND the good pixels).
-        ``good``: this call's own good-pixel mask (``[P, H, W]`` or per event ``[N, P, H, W]``), combined with
-        the finder's."""
+        """Peak masks ``[N, P, H, W]`` bool of raw events (the model's peak class, AND the good pixels)."""
+        ev = self._events(events)
+        return self._masks(ev, self._good(ev, good))
+
+    def peaks(self, events, masks: np.ndarray, good: np.ndarray | None = None) -> list[np.ndarray]:
+        """Peak tables of raw events from their :meth:`masks` (``good`` as given to :meth:`masks`)."""
+        ev = self._events(events)
+        return self._peaks(ev, masks, self._good(ev, good))
+
+    def __call__(self, events) -> list[np.ndarray]:
+        """Peak tables (:data:`PEAK_DTYPE`), one per event, of an event ``[P, H, W]`` or events ``[N, P, H, W]``
+        (slabs, or frames ``[N, H, W]`` without a detector)."""
+        return self.find(events)[1]
+
+    @torch.no_grad()
+    def _masks(self, ev: np.ndarray, g: np.ndarray | None) -> np.ndarray:
         from vitkit.tasks.postprocess import semantic_inference
         from vitkit.tasks.transforms import robust_normalise
 
-        ev = self._events(events)
         n, p, h, w = ev.shape
-        g = self._good(ev, good)
         unit = None if self.detector is None else self.detector.photon_adu()
         gt = None if g is None else torch.from_numpy(np.array(g))
         x = torch.from_numpy(np.ascontiguousarray(ev, dtype=np.float32)).reshape(n * p, 1, h, w)
@@ -436,16 +454,6 @@ class PeakFinder:
             out &= g
         return out
 
-    def peaks(self, events, masks: np.ndarray, good: np.ndarray | None = None) -> list[np.ndarray]:
-        """Peak tables of raw events from their :meth:`masks` (``good`` as given to :meth:`masks`)."""
-        ev = self._events(events)
-        g = self._good(ev, good)
+    def _peaks(self, ev: np.ndarray, masks: np.ndarray, g: np.ndarray | None) -> list[np.ndarray]:
         return [event_peaks(self.detector, e, m, self.min_pixels, self.max_peaks, self.min_peaks,
                             None if g is None else g[i], self.merge_radius) for i, (e, m) in enumerate(zip(ev, masks))]
-
-    def __call__(self, events) -> list[np.ndarray]:
-        """Peak tables (:data:`PEAK_DTYPE`), one per event, of an event ``[P, H, W]`` or events ``[N, P, H, W]``
-        (slabs, or frames ``[N, H, W]`` without a detector)."""
-        ev = self._events(events)
-        return self.peaks(ev, self.masks(ev), None)
-

@@ -98,8 +98,8 @@ def predict(finder, events, out: Path, overlays: int = 2, write_frames: bool = F
         ev = event_of(item)[None]
         good = item.get("good") if isinstance(item, dict) else None  # simulated shots carry their own mask
         good = None if good is None else event_of(good).astype(bool)
-        m = finder.masks(ev, good)
-        tables.extend(finder.peaks(ev, m, good))
+        m, t = finder.find(ev, good)
+        tables.extend(t)
         if keep_masks:
             masks.append(m[0])
         if i < overlays:
