@@ -136,11 +136,11 @@ def model_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(model_run, tmp_path_factory):
     """What `vitkit predict` writes for the synthetic frames."""
-    from vitkit.apps.peaks.job import load_model, predict
+    from vitkit.apps.peaks.job import PeakFinder, load_model, predict
 
     out = tmp_path_factory.mktemp("predict")
     frames = SyntheticPeakDataset(N, SynthConfig(shape=SHAPE), seed=SEED)
-    predict(load_model(model_run), frames, out, overlays=0, progress=False)
+    predict(PeakFinder(load_model(model_run)), frames, out, overlays=0, progress=False)
     peaks = read_cxi_peaks(out / "peaks.cxi")
     assert sum(len(p) for p in peaks) > 150, "the model should find peaks for the comparison to mean something"
     return peaks
@@ -329,12 +329,12 @@ def test_missing_inputs_and_resources_fail_before_any_actor_starts(model_run, ra
 def test_cli_streams_a_zarr_file_survives_ray_kill_of_its_only_actor_and_owns_its_ray(model_run, tmp_path):
     """`vitkit stream` end to end: zarr source, progress lines, summary JSON, a Ray it starts and shuts down, and
     `ray.kill(actor, no_restart=False)` of its only actor: batches wait for the restart and are re-run."""
-    from vitkit.apps.peaks.job import load_model, predict
+    from vitkit.apps.peaks.job import PeakFinder, load_model, predict
 
     ds = SyntheticPeakDataset(12, SynthConfig(shape=SHAPE), seed=SEED + 1)
     frames = np.stack([ds[i]["image"].numpy()[0] for i in range(12)])
     write_zarr(tmp_path / "frames.zarr", frames)
-    predict(load_model(model_run), frames, tmp_path / "pred", overlays=0, progress=False)
+    predict(PeakFinder(load_model(model_run)), frames, tmp_path / "pred", overlays=0, progress=False)
     out = tmp_path / "out"
     res = run_cli("stream", "default", f"model.checkpoint={model_run}", "source.kind=files",
                   f"source.path={tmp_path / 'frames.zarr'}", f"output.dir={out}", "ray.num_cpus=2",

@@ -102,7 +102,7 @@ def _open_inputs(args: argparse.Namespace, finder) -> object:
     except DetectorShapeError:
         if args.geometry or args.mask or (frames.frame_shape is not None and len(frames.frame_shape) != 2):
             raise
-        finder.detector = None  # the run's detector does not describe these single frames
+        finder.detector = finder.good = None  # the run's detector does not describe these single frames
         return frames
 
 

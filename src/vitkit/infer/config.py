@@ -95,7 +95,7 @@ class PeaksConfig:
     """Ray CPUs per peak-finding task."""
     min_peaks: int = 0
     max_peaks: int = 2048
-    min_pixels: int = 1
+    min_pixels: int = 3
 
 
 @dataclass

@@ -5,7 +5,7 @@
   ``vitkit predict``'s bit for bit in fp32.
 * :func:`pack_masks` / :func:`unpack_masks` -- compact masks for the object store: 1 bit per pixel
   (``np.packbits`` along rows) or 1 byte (``uint8``); never float logits.
-* :func:`batch_peaks` -- :func:`vitkit.apps.peaks.peakfind.peaks_per_frame` over a batch.
+* :func:`batch_peaks` -- the peak tables ``vitkit predict`` extracts from the same masks.
 * :class:`FileStream` / :class:`SyntheticStream` -- frame sources read by the pipeline's driver in order,
   ``poll(n)`` at a time. The Ray queue source lives in :mod:`vitkit.infer.ray`.
 """
@@ -92,11 +92,13 @@ def unpack_masks(data: np.ndarray, width: int, fmt: str = "packed") -> np.ndarra
 
 # ------------------------------------------------------------------------------------------------ peaks
 def batch_peaks(frames: np.ndarray, masks: np.ndarray, min_peaks: int = 0, max_peaks: int = 2048,
-                min_pixels: int = 1) -> list[np.ndarray]:
-    """Per frame ``[n, 3]`` float64 ``(y, x, intensity)``: ``peaks_per_frame`` exactly as ``vitkit predict``."""
-    from vitkit.apps.peaks.peakfind import peaks_per_frame
+                min_pixels: int = 3) -> list[np.ndarray]:
+    """Per frame a peak table, extracted exactly as ``vitkit predict`` (:class:`~vitkit.apps.peaks.finder.PeakFinder`
+    without a geometry) extracts it from the same masks: lone pixels are bad pixels, close peaks merged."""
+    from vitkit.apps.peaks.finder import MERGE_RADIUS, event_good, event_peaks
 
-    return peaks_per_frame(list(masks), list(frames), min_peaks=min_peaks, max_peaks=max_peaks, min_pixels=min_pixels)
+    return [event_peaks(None, f[None], m[None], min_pixels, max_peaks, min_peaks, event_good(f[None], None),
+                        MERGE_RADIUS) for f, m in zip(np.asarray(frames), np.asarray(masks))]
 
 
 # ----------------------------------------------------------------------------------------------- sources

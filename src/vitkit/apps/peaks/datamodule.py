@@ -232,7 +232,7 @@ class LabelledFrames:
         return {"image": image, "label": label}
 
 
-def make_source(split: str, source: str, frame_shape, num_train: int, num_val: int, num_test: int, seed: int,
+def make_source(split: str, source: str, num_train: int, num_val: int, num_test: int, seed: int, frame_shape=None,
                 train=None, val=None, test=None, key=None, synth=None, detector=None, lattice=None, **_):
     """Data of one split: simulated (disjoint seeds per split) or from files."""
     n = {"train": num_train, "val": num_val, "test": num_test}[split]

@@ -37,7 +37,10 @@ from vitkit.apps.peaks.peakfind import LONE_PIXEL_RATIO, PEAK_DTYPE, empty_peaks
 from vitkit.errors import CheckpointError, InputError
 
 __all__ = ["PEAK_DTYPE", "PeakFinder", "empty_peaks", "load_model", "read_mask", "bad_region_mask",
-           "EventSource", "event_peaks"]
+           "EventSource", "event_peaks", "event_good", "MERGE_RADIUS"]
+
+MERGE_RADIUS = 3.0
+"""Peaks closer than this (px) are one peak (:func:`merge_close`); the simulator's truth merges alike."""
 
 MODEL_CONFIG_KEY = "vitkit_model_config"
 
@@ -300,6 +303,19 @@ def event_peaks(detector: Detector | None, event: np.ndarray, mask: np.ndarray, 
     return table
 
 
+def event_good(event: np.ndarray, good: np.ndarray | None, unit=None,
+               lone_pixel_ratio: float = LONE_PIXEL_RATIO) -> np.ndarray:
+    """Good pixels ``[P, H, W]`` of one event: ``good`` (None: all) without the event's lone pixels (hot pixels
+    the mask missed, zingers; :func:`~vitkit.apps.peaks.peakfind.lone_pixels`); ``unit``: one photon in ADU
+    per panel ``[P]`` or None."""
+    from vitkit.apps.peaks.peakfind import lone_pixels
+
+    g = np.ones(event.shape, dtype=bool) if good is None else np.array(good, dtype=bool)
+    for k in range(event.shape[0]):
+        g[k] &= ~lone_pixels(event[k], g[k], lone_pixel_ratio, None if unit is None else unit[k])
+    return g
+
+
 class PeakFinder:
     """A trained model plus a detector: events in, peak tables out.
 
@@ -334,7 +350,7 @@ class PeakFinder:
 
     def __init__(self, model, detector=None, good=None, device: str | torch.device = "cpu", overlap: float = 0.25,
                  batch_size: int = 32, min_pixels: int = 3, min_peaks: int = 0, max_peaks: int | None = 2048,
-                 merge_radius: float = 3.0, threshold: float = 0.6, hysteresis: float | None = 0.25,
+                 merge_radius: float = MERGE_RADIUS, threshold: float = 0.6, hysteresis: float | None = 0.25,
                  lone_pixel_ratio: float | None = LONE_PIXEL_RATIO):
         self.model = model.eval().to(device)
         self.device = torch.device(device)
@@ -388,14 +404,9 @@ class PeakFinder:
                                              else self.good & np.asarray(good, dtype=bool))
         if self.lone_pixel_ratio is None:
             return None if g is None else np.broadcast_to(g, shape)
-        from vitkit.apps.peaks.peakfind import lone_pixels
-
         unit = None if self.detector is None else self.detector.photon_adu()
-        g = np.ones(shape, dtype=bool) if g is None else np.array(np.broadcast_to(g, shape))
-        for i in range(shape[0]):  # hot pixels the mask missed, zingers: bad pixels of this event
-            for k in range(shape[1]):
-                g[i, k] &= ~lone_pixels(ev[i, k], g[i, k], self.lone_pixel_ratio, None if unit is None else unit[k])
-        return g
+        g = np.broadcast_to(np.ones(shape[1:], dtype=bool) if g is None else g, shape)
+        return np.stack([event_good(ev[i], g[i], unit, self.lone_pixel_ratio) for i in range(shape[0])])
 
     def find(self, events, good: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
         """``(masks [N, P, H, W], peak tables)`` of raw events; ``good``: this call's own good-pixel mask
