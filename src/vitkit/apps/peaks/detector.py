@@ -320,14 +320,6 @@ class Detector:
             region[ok] = stack[k][si[ok], fi[ok]]
         return out, (float(x0), float(y0), step)
 
-    def lab_to_assembled(self, xyz_m: np.ndarray, origin: tuple) -> np.ndarray:
-        """Lab positions (m, ``[..., 3]``, e.g. from :meth:`lab_xyz`) -> ``(row, col)`` in an image from
-        :meth:`assemble` with its ``origin`` (pixel-centre convention; assumes one pixel size)."""
-        x0, y0, step = origin
-        res = self.panels[0].res
-        xyz = np.asarray(xyz_m, dtype=np.float64)
-        return np.stack([(xyz[..., 1] * res - y0) / step - 0.5, (xyz[..., 0] * res - x0) / step - 0.5], axis=-1)
-
     def replace(self, **changes) -> Detector:
         return dataclasses.replace(self, **changes)
 
