@@ -16,7 +16,7 @@ import pytest
 
 from vitkit.apps.peaks.io import read_cxi_peaks, write_cxi, write_zarr
 from vitkit.apps.peaks.synthetic import SynthConfig, SyntheticPeakDataset
-from vitkit.errors import ConfigError
+from vitkit.errors import ConfigError, InputError
 from vitkit.infer.config import load_stream_config
 from vitkit.infer.cxi import OrderedCXIWriter
 from vitkit.infer.stages import FileStream, pack_masks, unpack_masks
@@ -79,8 +79,9 @@ def test_file_source_reads_hdf5_in_order(tmp_path):
         f["/entry_1/data_1/data"] = x
     src = FileStream(str(tmp_path / "f.h5"))
     got = src.poll(3) + src.poll(10)
-    assert [i for i, _ in got] == [0, 1, 2, 3, 4] and src.exhausted
-    assert all(np.array_equal(f, x[i]) for i, f in got)
+    assert [it.index for it in got] == [0, 1, 2, 3, 4] and src.exhausted
+    assert all(np.array_equal(it.data, x[it.index][None]) for it in got)  # one-panel events [1, H, W]
+    assert got[2].event_id == f"frame 2 of {tmp_path / 'f.h5'}" and np.isnan(got[2].timestamp)
 
 
 def test_config_errors_name_the_key_and_the_fix(tmp_path):
@@ -273,7 +274,6 @@ def test_queue_source_with_two_producers_their_sentinels_and_a_duplicate(model_r
 def test_a_bad_item_midway_ends_the_run_with_its_error_and_cleans_up(model_run, reference, ray_local, tmp_path):
     from ray.util.queue import Queue
 
-    from vitkit.errors import InputError
     from vitkit.infer.ray import run_stream
 
     ds = SyntheticPeakDataset(N, SynthConfig(shape=SHAPE), seed=SEED)
@@ -293,21 +293,32 @@ def test_a_bad_item_midway_ends_the_run_with_its_error_and_cleans_up(model_run, 
     assert list(tmp_path.iterdir()) == []  # no CXI, no temporary file
 
 
-def test_mask_predictor_is_predict_masks_and_bf16_stays_close(model_run):
+def test_actor_finder_is_predicts_finder_and_bf16_stays_close(model_run):
+    """The model actors' finder (the run's model-less template + the model) computes `vitkit predict`'s masks;
+    the peak tasks' model-less finder turns them into predict's tables."""
     import torch
 
-    from vitkit.apps.peaks.job import load_model, predict_masks
-    from vitkit.infer.stages import MaskPredictor
+    from vitkit.apps.peaks.job import PeakFinder, load_model
+    from vitkit.infer.stages import actor_finder
 
     ds = SyntheticPeakDataset(N, SynthConfig(shape=SHAPE), seed=SEED)
-    frames = np.stack([ds[i]["image"].numpy()[0] for i in range(3)])
-    ref = np.stack([m for _, m in predict_masks(load_model(model_run), frames, progress=False)])
-    assert ref.sum() > 20
-    assert np.array_equal(MaskPredictor(model_run)(frames), ref)
-    bf16 = MaskPredictor(model_run, bf16=True)
+    frames = np.stack([ds[i]["image"].numpy()[0] for i in range(3)])[:, None]  # 3 one-panel events
+    ref = PeakFinder(load_model(model_run))
+    ref_masks, ref_peaks = ref.find(frames)
+    assert ref_masks.sum() > 20
+    template = PeakFinder(None)
+    with pytest.raises(InputError, match="has no model"):
+        template.masks(frames)
+    fp32 = actor_finder(template, model_run)
+    masks = fp32.masks(frames)
+    assert np.array_equal(masks, ref_masks)
+    got = template.peaks(frames, masks)
+    assert len(got) == 3 and all(a.tobytes() == b.tobytes() for a, b in zip(got, ref_peaks))  # NaN lab x/y too
+    assert template.model is None  # the template is not changed by the actor's copy
+    bf16 = actor_finder(template, model_run, bf16=True)
     assert bf16.model.encoder.blocks[0].attn.qkv.weight.dtype == torch.bfloat16  # cast once, not autocast
-    bf16 = bf16(frames)
-    assert (bf16 & ref).sum() / (bf16 | ref).sum() > 0.8  # IoU with the fp32 masks
+    m16 = bf16.masks(frames)
+    assert (m16 & ref_masks).sum() / (m16 | ref_masks).sum() > 0.8  # IoU with the fp32 masks
 
 
 def test_missing_inputs_and_resources_fail_before_any_actor_starts(model_run, ray_local, tmp_path):

@@ -220,10 +220,24 @@ def cmd_stream(args: argparse.Namespace) -> int:
     ob = s["object_store_bytes"]
     print(f"{s['frames_written']} frames, {s['peaks']} peaks, {s['frames_per_s']:.2f} frames/s, latency p50 "
           f"{(lat['p50'] or 0):.3f} s p95 {(lat['p95'] or 0):.3f} s, {s['actor_restarts']} actor restarts, "
-          f"{len(s['rerun_batches'])} re-run batches, {ob['results_per_frame']:.0f} result bytes/frame "
+          f"{len(s['rerun_batches'])} re-run batches, {s['events_dropped']} events dropped, "
+          f"{s['messages_malformed']} malformed messages, {ob['results_per_frame']:.0f} result bytes/frame "
           f"-> {s['output']}, {s['stats_file']}")
+    if args.report:
+        print("stage      busy s  workers  utilisation")
+        for name, st in s["stages"].items():
+            print(f"{name:<9} {st['busy_s']:7.2f} {st['workers']:8g} {100 * st['utilisation']:11.0f} %")
+        if s["source"].get("wait_s") is not None:
+            print(f"(waiting for the source: {s['source']['wait_s']:.2f} s of {s['elapsed_s']:.2f} s)")
+        print(f"limiting stage: {s['limiting_stage']['stage']}: {s['limiting_stage']['why']}")
     print(Path(s["output"]).parent)
     return 0
+
+
+def cmd_stream_producer(args: argparse.Namespace) -> int:
+    from vitkit.infer.zmq import producer_main
+
+    return producer_main(args.args)
 
 
 def cmd_detector(args: argparse.Namespace) -> int:
@@ -300,7 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="packaged stream config name (default) or a YAML file")
     p.add_argument("overrides", nargs="*", help="overrides, e.g. model.checkpoint=runs/x source.kind=files "
                                                 "source.path=data.zarr model.num_actors=2")
+    p.add_argument("--report", action="store_true", help="print each stage's busy time and utilisation and say "
+                                                         "which stage limits throughput")
     p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser("stream-producer", add_help=False,
+                       help="send simulated or recorded detector events over a ZeroMQ socket at a set rate "
+                            "(a test producer for `vitkit stream source.kind=zmq`; --help for its options)")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_stream_producer)
 
     p = sub.add_parser("synth", help="write synthetic diffraction frames (zarr, PeakNet layout)")
     p.add_argument("out", help="output .zarr store")

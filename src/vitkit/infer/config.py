@@ -19,10 +19,12 @@ from typing import Any
 
 from vitkit.errors import ConfigError
 
-__all__ = ["SourceConfig", "ModelConfig", "PeaksConfig", "OutputConfig", "RayConfig", "FaultConfig",
+__all__ = ["SourceConfig", "DetectorConfig", "ModelConfig", "PeaksConfig", "OutputConfig", "RayConfig", "FaultConfig",
            "StreamConfig", "load_stream_config", "check_config"]
 
-SOURCE_KINDS = ("synthetic", "files", "queue")
+SOURCE_KINDS = ("synthetic", "files", "queue", "zmq")
+ZMQ_SOCKETS = ("pull", "sub")
+OVERFLOW_POLICIES = ("block", "drop_oldest")
 MASK_FORMATS = ("packed", "uint8")
 KILL_MODES = ("ray_kill", "sigkill")
 
@@ -30,8 +32,8 @@ KILL_MODES = ("ray_kill", "sigkill")
 @dataclass
 class SourceConfig:
     kind: str = "synthetic"
-    """``synthetic`` (vitkit's generator, in memory), ``files`` (zarr/HDF5/... via ``open_frames``) or ``queue``
-    (a ``ray.util.queue.Queue`` fed by external producers)."""
+    """``synthetic`` (vitkit's generator, in memory), ``files`` (zarr/HDF5/... via ``open_frames``), ``queue``
+    (a ``ray.util.queue.Queue`` fed by external producers) or ``zmq`` (ZeroMQ sockets, e.g. LCLStreamer's)."""
     path: Any = None
     """files: a path, glob, CSV list of paths, or a list of these."""
     key: str | None = None
@@ -39,7 +41,9 @@ class SourceConfig:
     num_frames: int = 64
     """synthetic: frames in the stream."""
     shape: list[int] = field(default_factory=lambda: [128, 128])
-    """synthetic: frame shape ``[H, W]``."""
+    """synthetic: frame shape ``[H, W]`` (single-panel frames; without ``detector``)."""
+    detector: str | None = None
+    """synthetic: a built-in detector name or ``.geom``: whole lattice stills ``[P, H, W]`` of that detector."""
     seed: int = 0
     """synthetic: seed of :class:`~vitkit.apps.peaks.synthetic.SyntheticPeakDataset`."""
     queue_name: str | None = None
@@ -52,6 +56,36 @@ class SourceConfig:
     """queue: how long one empty poll of the queue waits."""
     batch_timeout_s: float = 0.5
     """A partial batch is sent to a model actor after waiting this long for more frames."""
+    endpoints: Any = None
+    """zmq: one address or a list (``tcp://host:port``); the source connects to each (binds with ``bind``)."""
+    socket: str = "pull"
+    """zmq: ``pull`` (PUSH/PULL: backpressure holds) or ``sub`` (PUB/SUB: the publisher drops at its HWM)."""
+    bind: bool = False
+    topic: str = ""
+    """zmq sub: subscription prefix; with one, each message's first part is the topic."""
+    data_key: str = "data"
+    """zmq: the npz key of the detector array ``[P, H, W]`` or slab ``[SS, FS]``."""
+    id_key: str = "event_id"
+    timestamp_key: str = "timestamp"
+    hwm: int = 4
+    """zmq: receive high-water mark (messages held on this side while the pipeline is full)."""
+    idle_timeout_s: float | None = None
+    """zmq: end the stream after this long without a message (a producer gone without its end marker)."""
+    overflow: str = "block"
+    """zmq: ``block`` (stop reading; the sender holds the data) or ``drop_oldest`` (live monitoring: keep reading,
+    drop the oldest waiting events beyond ``buffer_events``, counted and warned)."""
+    buffer_events: int = 16
+    """zmq drop_oldest: events waiting on this side at most."""
+
+
+@dataclass
+class DetectorConfig:
+    geometry: str | None = None
+    """CrystFEL ``.geom`` or built-in name (``epix10k2m``...); None: the run's ``detector.geom`` when it has one,
+    else every event is panels of whatever shape it has (no lab coordinates)."""
+    mask: str | None = None
+    """Bad-pixel mask file (psana: non-zero = good; or the geometry's CrystFEL mask bits)."""
+    mask_key: str | None = None
 
 
 @dataclass
@@ -96,6 +130,8 @@ class PeaksConfig:
     min_peaks: int = 0
     max_peaks: int = 2048
     min_pixels: int = 3
+    threshold: float = 0.6
+    """Peak-class share of the probabilities a peak core needs (as ``vitkit predict --threshold``)."""
 
 
 @dataclass
@@ -132,13 +168,14 @@ class FaultConfig:
 @dataclass
 class StreamConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     peaks: PeaksConfig = field(default_factory=PeaksConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     max_frames_in_flight: int = 64
-    """Frames read from the source and not yet written to the CXI, at most (bounded memory, backpressure)."""
+    """Events read from the source and not yet written to the CXI, at most (bounded memory, backpressure)."""
     report_every_s: float = 5.0
     """Progress line period (0 disables)."""
 
@@ -281,6 +318,18 @@ def check_config(cfg: StreamConfig) -> StreamConfig:
                   (list(s.shape), s.num_frames))
     if s.num_producers < 1:
         raise bad("source.num_producers", ">= 1", s.num_producers)
+    if s.kind == "zmq":
+        if not s.endpoints:
+            raise ConfigError("stream config: source.kind=zmq needs source.endpoints (e.g. "
+                              "source.endpoints=tcp://127.0.0.1:5555, or a list [tcp://a:1,tcp://b:2]).")
+        if s.socket not in ZMQ_SOCKETS:
+            raise bad("source.socket", f"one of {ZMQ_SOCKETS}", s.socket)
+        if s.overflow not in OVERFLOW_POLICIES:
+            raise bad("source.overflow", f"one of {OVERFLOW_POLICIES}", s.overflow)
+        if s.hwm < 1 or s.buffer_events < 1:
+            raise bad("source.hwm / source.buffer_events", ">= 1", (s.hwm, s.buffer_events))
+        if s.idle_timeout_s is not None and s.idle_timeout_s <= 0:
+            raise bad("source.idle_timeout_s", "> 0 or null", s.idle_timeout_s)
     if not m.checkpoint:
         raise ConfigError("stream config: model.checkpoint is required: pass model.checkpoint=<run directory, .ckpt "
                           "or exported model directory> (what `vitkit predict` takes).")
@@ -296,6 +345,8 @@ def check_config(cfg: StreamConfig) -> StreamConfig:
         raise bad("model.device", "'cpu' or 'cuda[:N]'", m.device)
     if m.mask_format not in MASK_FORMATS:
         raise bad("model.mask_format", f"one of {MASK_FORMATS}", m.mask_format)
+    if not 0.0 < p.threshold < 1.0:
+        raise bad("peaks.threshold", "0 < threshold < 1", p.threshold)
     if not 0.0 <= m.overlap < 1.0:
         raise bad("model.overlap", "0 <= overlap < 1", m.overlap)
     if m.num_cpus < 0 or p.num_cpus < 0:

@@ -10,7 +10,8 @@ removes it.
 The layout is :func:`~vitkit.apps.peaks.io.write_cxi`'s (``/entry_1/result_1/nPeaks``, ``peakXPosRaw``,
 ``peakYPosRaw``, ``peakTotalIntensity``, ``cxi_version`` 150), read back by
 :func:`~vitkit.apps.peaks.io.read_cxi_peaks`, plus ``/entry_1/result_1/frameIndex`` (int64): the source
-index of each row.
+index (arrival order) of each row, ``/entry_1/event_id`` (str: the producer's event id) and
+``/entry_1/timestamp`` (float64 seconds, NaN when the producer sent none).
 
 Gaps: if a frame index never arrives (a producer dropped an event), the consecutive run cannot grow. The
 pipeline calls :meth:`~OrderedCXIWriter.flush_gap` when everything in flight sits in the reorder buffer: the
@@ -58,7 +59,7 @@ class OrderedCXIWriter:
         self.next_index = int(start_index)
         self.flush_every_s = flush_every_s
         self._last_flush = time.monotonic()
-        self._buf: dict[int, tuple[Hashable, np.ndarray]] = {}
+        self._buf: dict[int, tuple[Hashable, np.ndarray, str, float]] = {}
         self._skipped: list[tuple[int, int]] = []  # [lo, hi) ranges given up by flush_gap
         self._late: set[int] = set()
         self.rows = 0
@@ -75,6 +76,10 @@ class OrderedCXIWriter:
                 "nPeaks": r.create_dataset("nPeaks", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(c * 16,)),
                 "frameIndex": r.create_dataset("frameIndex", shape=(0,), maxshape=(None,), dtype=np.int64,
                                                chunks=(c * 16,)),
+                "event_id": self._f["/entry_1"].create_dataset("event_id", shape=(0,), maxshape=(None,),
+                                                               dtype=h5py.string_dtype(), chunks=(c * 16,)),
+                "timestamp": self._f["/entry_1"].create_dataset("timestamp", shape=(0,), maxshape=(None,),
+                                                                dtype=np.float64, chunks=(c * 16,)),
             }
             for name in ("peakXPosRaw", "peakYPosRaw", "peakTotalIntensity"):
                 self._d[name] = r.create_dataset(name, shape=(0, self.max_peaks), maxshape=(None, self.max_peaks),
@@ -93,7 +98,7 @@ class OrderedCXIWriter:
         return any(lo <= i < hi for lo, hi in self._skipped)
 
     # ------------------------------------------------------------------------------------------- write
-    def _append(self, items: list[tuple[int, np.ndarray]]) -> None:
+    def _append(self, items: list[tuple[int, Hashable, np.ndarray, str, float]]) -> None:
         if not items:
             return
         k = len(items)
@@ -101,7 +106,7 @@ class OrderedCXIWriter:
         npk = np.zeros(k, dtype=np.int32)
         idx = np.zeros(k, dtype=np.int64)
         arr = np.zeros((3, k, self.max_peaks), dtype=np.float32)  # y, x, intensity
-        for j, (i, a) in enumerate(items):
+        for j, (i, _, a, _, _) in enumerate(items):
             m = len(a)
             npk[j], idx[j] = m, i
             arr[:, j, :m] = a["slab_ss"], a["slab_fs"], a["intensity"]
@@ -109,6 +114,8 @@ class OrderedCXIWriter:
             d.resize(n0 + k, axis=0)
         self._d["nPeaks"][n0:] = npk
         self._d["frameIndex"][n0:] = idx
+        self._d["event_id"][n0:] = [eid for _, _, _, eid, _ in items]
+        self._d["timestamp"][n0:] = [ts for _, _, _, _, ts in items]
         self._d["peakYPosRaw"][n0:] = arr[0]
         self._d["peakXPosRaw"][n0:] = arr[1]
         self._d["peakTotalIntensity"][n0:] = arr[2]
@@ -120,36 +127,38 @@ class OrderedCXIWriter:
             self._last_flush = now
 
     def add(self, items) -> tuple[list, list]:
-        """Add ``(index, key, peaks)`` triples; ``key`` is any label the caller wants back.
+        """Add ``(index, key, peaks[, event_id, timestamp])`` tuples; ``key`` is any label the caller wants back;
+        the event id defaults to ``str(index)``, the timestamp to NaN.
 
         Returns ``(written, dropped)``: the keys whose rows went to the file in this call (in row order) and the
         keys dropped as duplicates. Rows still in the reorder buffer are in neither list yet.
         """
         dropped, late = [], []
-        for index, key, peaks in items:
+        for index, key, peaks, *meta in items:
             i = int(index)
             a = cxi_peak_rows(peaks, "OrderedCXIWriter", self.max_peaks)
+            eid = str(meta[0]) if meta and meta[0] is not None else str(i)
+            ts = float(meta[1]) if len(meta) > 1 and meta[1] is not None else float("nan")
             if i in self._buf:
                 self.duplicates += 1
                 dropped.append(key)
             elif i >= self.next_index:
-                self._buf[i] = (key, a)
+                self._buf[i] = (key, a, eid, ts)
             elif self._was_skipped(i) and i not in self._late:
                 self._late.add(i)
                 self.late += 1
-                late.append((i, key, a))
+                late.append((i, key, a, eid, ts))
             else:
                 self.duplicates += 1
                 dropped.append(key)
         self.max_buffered = max(self.max_buffered, len(self._buf))
         run = []
         while self.next_index in self._buf:
-            key, a = self._buf.pop(self.next_index)
-            run.append((self.next_index, key, a))
+            run.append((self.next_index, *self._buf.pop(self.next_index)))
             self.next_index += 1
         out = late + run
-        self._append([(i, a) for i, _, a in out])
-        return [k for _, k, _ in out], dropped
+        self._append(out)
+        return [row[1] for row in out], dropped
 
     def flush_gap(self) -> list:
         """Write every buffered row in index order, giving up on the missing indices below them."""
@@ -164,8 +173,8 @@ class OrderedCXIWriter:
             prev = i + 1
         items = [(i, *self._buf.pop(i)) for i in order]
         self.next_index = order[-1] + 1
-        self._append([(i, a) for i, _, a in items])
-        return [k for _, k, _ in items]
+        self._append(items)
+        return [row[1] for row in items]
 
     def close(self) -> Path:
         """Write what is buffered (in index order), then move the file onto ``path``. Returns the path."""

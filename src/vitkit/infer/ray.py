@@ -4,24 +4,36 @@ The only vitkit module that imports Ray (``pip install "vitkit[ray]"``).
 
 Stages
     * **source** (read by the driver, in order): files through :func:`~vitkit.apps.peaks.io.open_frames`
-      (zarr, HDF5/CXI, ...), vitkit's synthetic generator, or a ``ray.util.queue.Queue`` fed by external
-      producers (psana-ray style; each producer ends its part with one ``None`` sentinel, the stream ends after
-      ``num_producers`` sentinels).
-    * **batcher**: ``batch_size`` frames of one shape are stacked and ``ray.put`` once; the model actor and the
+      (zarr, HDF5/CXI, ...), vitkit's simulators, ZeroMQ sockets (:class:`~vitkit.infer.zmq.ZmqStream`:
+      LCLStreamer-style ``.npz`` messages; malformed ones are counted and skipped), or a
+      ``ray.util.queue.Queue`` fed by external producers (psana-ray style; each producer ends its part with one
+      ``None`` sentinel, the stream ends after ``num_producers`` sentinels). Every event is checked against the
+      run's detector (:class:`~vitkit.infer.stages.EventCheck`): a panel stack ``[P, H, W]`` or a slab.
+    * **batcher**: ``batch_size`` events of one shape are stacked and ``ray.put`` once; the model actor and the
       peak task read the same object (zero copy).
-    * **model actors** (``num_actors``, CPU or GPU, optional bf16 weights): :class:`~vitkit.infer.stages.MaskPredictor`,
-      i.e. ``load_model`` + ``predict_masks``, so masks equal ``vitkit predict``'s. They return bit-packed
-      masks (1 bit per pixel), never logits. At most ``max_batches_per_actor`` batches per actor are queued.
-    * **peak tasks** (CPU, ``num_cpus`` each): ``peaks_per_frame`` on the unpacked masks and the raw frames. At
-      most ``peaks.workers`` tasks are in flight -- a hard bound kept by the driver, not a scheduling hint.
+    * **model actors** (``num_actors``, CPU or GPU, optional bf16 weights): the run's
+      :class:`~vitkit.apps.peaks.finder.PeakFinder` with the model (:func:`~vitkit.infer.stages.actor_finder`):
+      the panels of all events of a batch go through the model together, so masks equal ``vitkit predict``'s.
+      They return bit-packed masks (1 bit per pixel), never logits. At most ``max_batches_per_actor`` batches
+      per actor are queued.
+    * **peak tasks** (CPU, ``num_cpus`` each): :meth:`PeakFinder.peaks` (the same finder without its model) on
+      the unpacked masks and the raw events: one peak table per event (panel, panel/slab/lab coordinates, ...).
+      At most ``peaks.workers`` tasks are in flight -- a hard bound kept by the driver, not a scheduling hint.
     * **writer** (one actor, on the driver's node): :class:`~vitkit.infer.cxi.OrderedCXIWriter` writes rows in
-      frame-index order whatever the completion order, drops duplicate indices, renames the file into place at
-      the end.
+      index (arrival) order whatever the completion order, with each event's id and timestamp, drops duplicate
+      indices, renames the file into place at the end; the run's ``detector.geom`` goes beside it.
 
 Bounds
-    At most ``max_frames_in_flight`` frames are between "read from the source" and "written to the CXI"; the
-    driver stops reading when the cap is reached, so a queue source fills up and blocks its producers
-    (backpressure) and memory stays bounded (frames in the object store, masks, peaks, the reorder buffer).
+    At most ``max_frames_in_flight`` events are between "read from the source" and "written to the CXI"; the
+    driver stops reading when the cap is reached, so a queue source fills up and blocks its producers, and a
+    ZeroMQ PULL socket fills to its high-water mark and blocks the sender (backpressure); memory stays bounded
+    (events in the object store, masks, peaks, the reorder buffer). With ``source.overflow=drop_oldest`` the
+    socket is read on and the oldest waiting events are dropped instead (counted, warned).
+
+Timing
+    Every stage's busy time is counted (receive, decode, batch, model, peak extraction, write; the driver's
+    waits on the source apart); the progress line and ``stream_stats.json`` show each stage's utilisation and
+    :func:`~vitkit.infer.stats.limiting_stage` names the stage that limits throughput.
 
 Faults
     Model actors have Ray ``max_restarts``; Ray's own task retries are off so that the driver sees every failure:
@@ -73,13 +85,13 @@ CXI_FILE = "peaks.cxi"
 
 # ------------------------------------------------------------------------------------------- remote parts
 class _ModelActor:
-    """One model replica (a Ray actor): frames in, compact masks out."""
+    """One model replica (a Ray actor): events ``[B, P, H, W]`` in, compact masks out."""
 
-    def __init__(self, checkpoint: str, device: str, bf16: bool, overlap: float, torch_threads: int,
-                 mask_format: str, warmup: bool):
+    def __init__(self, checkpoint: str, template, device: str, bf16: bool, torch_threads: int, mask_format: str,
+                 warmup: bool):
         import torch
 
-        from vitkit.infer.stages import MaskPredictor
+        from vitkit.infer.stages import actor_finder
         from vitkit.runtime import tune_cpu_allocator
 
         tune_cpu_allocator()
@@ -87,10 +99,12 @@ class _ModelActor:
             torch.set_num_interop_threads(1)
         except RuntimeError:
             pass
-        self.predictor = MaskPredictor(checkpoint, device=device, bf16=bf16, overlap=overlap,
-                                       torch_threads=torch_threads)
-        if warmup:
-            self.predictor.warm_up()
+        self.finder = actor_finder(template, checkpoint, device=device, bf16=bf16, torch_threads=torch_threads)
+        if warmup:  # one window through the model: the first call builds kernels and caches
+            h, w = (int(v) for v in self.finder.model.img_size)
+            with torch.inference_mode():
+                self.finder.model(torch.zeros(1, 1, h, w, device=self.finder.device,
+                                              dtype=next(self.finder.model.parameters()).dtype))
         self.fmt = mask_format
         self.batches = 0
 
@@ -99,25 +113,23 @@ class _ModelActor:
 
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "torch_threads": torch.get_num_threads(), "batches": self.batches,
-                "num_classes": int(getattr(self.predictor.model, "num_classes", 2))}
+                "num_classes": int(getattr(self.finder.model, "num_classes", 2))}
 
     @ray.method(num_returns=2)
-    def infer(self, frames: np.ndarray):
+    def infer(self, events: np.ndarray):
         from vitkit.infer.stages import pack_masks
 
         t = time.perf_counter()
-        data = pack_masks(self.predictor(frames), self.fmt)
+        data = pack_masks(self.finder.masks(events), self.fmt)
         self.batches += 1
         return data, {"pid": os.getpid(), "seconds": time.perf_counter() - t, "bytes": int(data.nbytes)}
 
 
-def _peak_task_fn(frames: np.ndarray, masks: np.ndarray, fmt: str, min_peaks: int, max_peaks: int,
-                  min_pixels: int):
-    from vitkit.infer.stages import batch_peaks, unpack_masks
+def _peak_task_fn(events: np.ndarray, masks: np.ndarray, fmt: str, finder):
+    from vitkit.infer.stages import unpack_masks
 
     t = time.perf_counter()
-    peaks = batch_peaks(frames, unpack_masks(masks, frames.shape[-1], fmt), min_peaks=min_peaks,
-                        max_peaks=max_peaks, min_pixels=min_pixels)
+    peaks = finder.peaks(events, unpack_masks(masks, events.shape[-1], fmt))
     return peaks, {"n_peaks": [len(p) for p in peaks], "bytes": int(sum(p.nbytes for p in peaks)),
                    "seconds": time.perf_counter() - t}
 
@@ -146,12 +158,17 @@ class _WriterActor:
     def ready(self) -> bool:
         return True
 
-    def write(self, seqs: list[int], indices: list[int], peaks: list[np.ndarray]) -> dict:
-        written, dropped = self.w.add(zip(indices, seqs, peaks))
-        return {"written": written, "dropped": dropped, "buffered": self.w.buffered}
+    def write(self, seqs: list[int], indices: list[int], peaks: list[np.ndarray], event_ids: list[str],
+              timestamps: list[float]) -> dict:
+        t = time.perf_counter()
+        written, dropped = self.w.add(zip(indices, seqs, peaks, event_ids, timestamps))
+        return {"written": written, "dropped": dropped, "buffered": self.w.buffered,
+                "seconds": time.perf_counter() - t}
 
     def flush_gap(self) -> dict:
-        return {"written": self.w.flush_gap(), "dropped": [], "buffered": self.w.buffered}
+        t = time.perf_counter()
+        return {"written": self.w.flush_gap(), "dropped": [], "buffered": self.w.buffered,
+                "seconds": time.perf_counter() - t}
 
     def close(self) -> dict:
         path = self.w.close()
@@ -179,16 +196,21 @@ def connect_queue(name: str, namespace: str | None = None):
 
 
 class QueueStream:
-    """Frames from a ``ray.util.queue.Queue`` fed by ``num_producers`` external producers.
+    """Events from a ``ray.util.queue.Queue`` fed by ``num_producers`` external producers.
 
-    An item is a frame (``[H, W]`` / ``[1, H, W]`` array, tensor or ``ObjectRef`` of one), a dict with ``image``
-    and optionally ``index``, or an ``(index, image)`` pair. Items with an index are written at that frame index
-    (unique per run, counting from 0 across all producers); items without one are numbered in arrival order (a
-    stream must not mix the two). ``None`` is a producer's end-of-stream sentinel.
+    An item is an event (array, tensor or ``ObjectRef`` of one: ``[H, W]``, ``[P, H, W]`` or the detector's
+    slab), a dict with ``image`` and optionally ``index``, ``event_id``, ``timestamp``, or an ``(index, image)``
+    pair. Items with an index are written at that index (unique per run, counting from 0 across all producers);
+    items without one are numbered in arrival order (a stream must not mix the two). ``None`` is a producer's
+    end-of-stream sentinel. ``check`` (:class:`~vitkit.infer.stages.EventCheck`) turns each into ``[P, H, W]``;
+    a bad item ends the run with its error.
     """
 
-    def __init__(self, queue, num_producers: int = 1):
+    def __init__(self, queue, num_producers: int = 1, check=None):
+        from vitkit.infer.stages import EventCheck
+
         self.queue = queue
+        self.check = check or EventCheck()
         self.num_producers = int(num_producers)
         self.sentinels = 0
         self.arrivals = 0
@@ -202,13 +224,13 @@ class QueueStream:
         except Exception:  # noqa: BLE001 - reporting only
             return None
 
-    def _item(self, item) -> tuple[int, np.ndarray]:
+    def _item(self, item):
         from vitkit.errors import InputError
-        from vitkit.infer.stages import as_frame
+        from vitkit.infer.stages import StreamItem, _raw
 
-        index = None
+        index, eid, ts = None, None, None
         if isinstance(item, dict):
-            index, img = item.get("index"), item.get("image")
+            index, img, eid, ts = item.get("index"), item.get("image"), item.get("event_id"), item.get("timestamp")
             if img is None:
                 raise InputError(f"queue source: a dict item needs an 'image', found keys {sorted(item)}.")
         elif isinstance(item, (tuple, list)):
@@ -229,9 +251,11 @@ class QueueStream:
         if not has:
             index = self.arrivals
         self.arrivals += 1
-        return int(index), as_frame(img)
+        where = f"queue item {index}" + (f" (event {eid})" if eid is not None else "")
+        return StreamItem(int(index), self.check(_raw(img), where), str(index if eid is None else eid),
+                          float("nan") if ts is None else float(ts))
 
-    def poll(self, n: int, timeout: float = 0.0) -> list[tuple[int, np.ndarray]]:
+    def poll(self, n: int, timeout: float = 0.0) -> list:
         if self.exhausted or n <= 0:
             return []
         got: list = []
@@ -267,9 +291,11 @@ class _Batch:
     id: int
     seqs: list[int]
     indices: list[int]
-    frames: Any  # ObjectRef of float32 [B, H, W]
-    shape: tuple[int, int]
+    frames: Any  # ObjectRef of float32 [B, P, H, W]
+    shape: tuple[int, ...]
     nbytes: int
+    event_ids: list[str] = field(default_factory=list)
+    timestamps: list[float] = field(default_factory=list)
     attempts: int = 0
 
 
@@ -311,7 +337,7 @@ class StreamPipeline:
         # state of the run
         self._seq = 0
         self._batch_id = 0
-        self._cur: list[tuple[int, int, np.ndarray]] = []
+        self._cur: list[tuple[int, Any]] = []  # (seq, StreamItem)
         self._cur_t0 = 0.0
         self._pending: collections.deque[_Batch] = collections.deque()
         self._model_refs: dict[Any, tuple[_Slot, _Batch, int, Any]] = {}
@@ -324,7 +350,11 @@ class StreamPipeline:
         self._batches_done = 0
         self._killed: dict | None = None
         self._bytes = {"frames": 0, "masks": 0, "peaks": 0}
-        self._shapes: set[tuple[int, int]] = set()
+        self._shapes: set[tuple[int, ...]] = set()
+        self.detector = None
+        self.finder = None  # the run's PeakFinder without its model (peak tasks); ObjectRef in _finder_ref
+        self._finder_ref = None
+        self._busy = {"read": 0.0, "batch": 0.0, "model": 0.0, "peaks": 0.0, "write": 0.0}
         self._num_classes = 2
         self._logit_bytes = 0
         self._rerun: list[int] = []
@@ -335,14 +365,44 @@ class StreamPipeline:
         self._cpu0 = time.process_time()
 
     # --------------------------------------------------------------------------------------------- setup
+    def _open_finder(self) -> None:
+        """The run's detector, good-pixel mask and model-less PeakFinder (what every stage shares)."""
+        from vitkit.apps.peaks.detector import load_detector
+        from vitkit.apps.peaks.finder import PeakFinder, read_mask, run_geometry
+        from vitkit.infer.stages import EventCheck
+
+        d, p, s = self.cfg.detector, self.cfg.peaks, self.cfg.source
+        geometry = d.geometry
+        if geometry is None and s.kind == "synthetic" and s.detector:
+            geometry = s.detector
+        if geometry is None:
+            geometry = run_geometry(self.cfg.model.checkpoint)
+        self.detector = None if geometry is None else load_detector(geometry)
+        good = None
+        if d.mask is not None:
+            if self.detector is None:
+                raise StreamError("detector.mask needs a geometry (detector.geometry=<.geom or built-in name>) to "
+                                  "know which pixels the mask covers.")
+            good = read_mask(d.mask, self.detector, d.mask_key)
+        self.finder = PeakFinder(None, self.detector, good, overlap=self.cfg.model.overlap, min_pixels=p.min_pixels,
+                                 min_peaks=p.min_peaks, max_peaks=p.max_peaks, threshold=p.threshold)
+        self.check = EventCheck(self.detector, self.finder.good)
+
     def _open_source(self):
         from vitkit.infer.stages import FileStream, SyntheticStream
 
         s = self.cfg.source
         if s.kind == "files":
-            return FileStream(s.path, key=s.key)
+            return FileStream(s.path, key=s.key, detector=self.detector, good=self.finder.good)
         if s.kind == "synthetic":
-            return SyntheticStream(s.num_frames, s.shape, s.seed)
+            return SyntheticStream(s.num_frames, s.shape, s.seed, detector=self.detector if s.detector else None)
+        if s.kind == "zmq":
+            from vitkit.infer.zmq import ZmqStream
+
+            return ZmqStream(s.endpoints, socket=s.socket, bind=s.bind, topic=s.topic, data_key=s.data_key,
+                             id_key=s.id_key, timestamp_key=s.timestamp_key, hwm=s.hwm,
+                             num_producers=s.num_producers, idle_timeout_s=s.idle_timeout_s, overflow=s.overflow,
+                             buffer_events=s.buffer_events, check=self.check, log=self.log)
         return None  # queue: needs Ray
 
     def _init_ray(self) -> None:
@@ -386,7 +446,8 @@ class StreamPipeline:
         if not ckpt.exists():
             raise FileNotFoundError(f"model.checkpoint {m.checkpoint} does not exist: pass a run directory, a .ckpt "
                                     "file or a model directory written by vitkit (as for `vitkit predict`).")
-        self.source = self._open_source()  # a missing file fails here, before Ray starts
+        self._open_finder()  # a bad geometry or mask fails here, before Ray starts
+        self.source = self._open_source()  # so does a missing file
         self._init_ray()
         if self.source is None:
             q = self.queue
@@ -395,7 +456,7 @@ class StreamPipeline:
                     raise StreamError("source.kind=queue needs a queue: pass queue=<ray.util.queue.Queue> to "
                                       "run_stream or set source.queue_name (a named queue actor).")
                 q = connect_queue(cfg.source.queue_name, cfg.source.queue_namespace)
-            self.source = QueueStream(q, cfg.source.num_producers)
+            self.source = QueueStream(q, cfg.source.num_producers, self.check)
         self._check_resources()
         out = Path(cfg.output.dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -407,7 +468,8 @@ class StreamPipeline:
         actor_cls = ray.remote(_ModelActor).options(num_cpus=m.num_cpus, num_gpus=self._actor_gpus(),
                                                     max_restarts=m.max_restarts, max_task_retries=0)
         ckpt_abs = str(ckpt.resolve())
-        self.slots = [_Slot(i, actor_cls.remote(ckpt_abs, m.device, m.bf16, m.overlap, m.torch_threads,
+        self._finder_ref = ray.put(self.finder)
+        self.slots = [_Slot(i, actor_cls.remote(ckpt_abs, self._finder_ref, m.device, m.bf16, m.torch_threads,
                                                 m.mask_format, m.warmup)) for i in range(m.num_actors)]
         infos = [s.handle.info.remote() for s in self.slots]
         warm = [_warm_up.options(num_cpus=cfg.peaks.num_cpus).remote() for _ in range(cfg.peaks.workers)]
@@ -423,9 +485,12 @@ class StreamPipeline:
             s.pid, s.node = info["pid"], info["node"]
             s.pids.append(s.pid)
             self._num_classes = info["num_classes"]
+        det = "panels as they come" if self.detector is None else \
+            f"{len(self.detector)} panels of {self.detector.stack_shape[1]} x {self.detector.stack_shape[2]}"
         self.log(f"[stream] {m.num_actors} model actor(s) ready (pids {[s.pid for s in self.slots]}, "
-                 f"{got[0]['torch_threads']} torch thread(s) each), source {cfg.source.kind}, batch {m.batch_size}, "
-                 f"cap {cfg.max_frames_in_flight} frames in flight, {cfg.peaks.workers} peak workers")
+                 f"{got[0]['torch_threads']} torch thread(s) each), source {cfg.source.kind}, detector {det}, "
+                 f"batch {m.batch_size}, cap {cfg.max_frames_in_flight} events in flight, {cfg.peaks.workers} peak "
+                 "workers")
 
     # ------------------------------------------------------------------------------------------ stages
     def _room(self) -> int:
@@ -433,17 +498,24 @@ class StreamPipeline:
 
     def _read(self, block: bool) -> int:
         room = self._room()
-        if room <= 0 or self.source.exhausted:
+        if self.source.exhausted:
+            return 0
+        if room <= 0:
+            idle = getattr(self.source, "idle", None)
+            if idle is not None:  # drop_oldest sockets read on while the pipeline is full
+                idle()
             return 0
         want = min(room, self.cfg.model.batch_size - len(self._cur))
+        t = time.perf_counter()
         items = self.source.poll(want, timeout=self.cfg.source.poll_s if block else 0.0)
         now = time.perf_counter()
-        for index, frame in items:
-            if self._cur and frame.shape != self._cur[0][2].shape:
+        self._busy["read"] += now - t
+        for item in items:
+            if self._cur and item.data.shape != self._cur[0][1].data.shape:
                 self._flush_batch()
             if not self._cur:
                 self._cur_t0 = now
-            self._cur.append((self._seq, index, frame))
+            self._cur.append((self._seq, item))
             self._t_read[self._seq] = now
             self._seq += 1
             self._in_flight += 1
@@ -453,9 +525,12 @@ class StreamPipeline:
     def _flush_batch(self) -> None:
         if not self._cur:
             return
-        frames = np.stack([f for _, _, f in self._cur])
-        b = _Batch(self._batch_id, [s for s, _, _ in self._cur], [i for _, i, _ in self._cur], ray.put(frames),
-                   tuple(frames.shape[1:]), int(frames.nbytes))
+        t = time.perf_counter()
+        frames = np.stack([it.data for _, it in self._cur])
+        b = _Batch(self._batch_id, [s for s, _ in self._cur], [it.index for _, it in self._cur], ray.put(frames),
+                   tuple(frames.shape[1:]), int(frames.nbytes), [it.event_id for _, it in self._cur],
+                   [it.timestamp for _, it in self._cur])
+        self._busy["batch"] += time.perf_counter() - t
         self._batch_id += 1
         self._bytes["frames"] += b.nbytes
         self._logit_bytes += self._num_classes * frames.size * 4  # what float32 logits of these frames would be
@@ -489,7 +564,7 @@ class StreamPipeline:
         while self._masks_ready and len(self._peak_refs) < p.workers:
             b, masks_ref = self._masks_ready.popleft()
             peaks_ref, info_ref = _peak_task.options(num_cpus=p.num_cpus).remote(
-                b.frames, masks_ref, self.cfg.model.mask_format, p.min_peaks, p.max_peaks, p.min_pixels)
+                b.frames, masks_ref, self.cfg.model.mask_format, self._finder_ref)
             self._peak_refs[info_ref] = (b, peaks_ref)
 
     def _probe(self) -> None:
@@ -549,7 +624,7 @@ class StreamPipeline:
         if info["pid"] not in slot.pids:
             slot.pids.append(info["pid"])
         self._bytes["masks"] += info["bytes"]
-        self.stats.add("model_seconds", info["seconds"])
+        self._busy["model"] += info["seconds"]
         self._masks_ready.append((b, masks_ref))
 
     def _actor_failed(self, slot: _Slot, epoch: int, err: Exception) -> None:
@@ -595,13 +670,14 @@ class StreamPipeline:
         b, peaks_ref = self._peak_refs.pop(ref)
         info = ray.get(ref)  # a failing peak task (bad frame, ...) ends the run with its error
         self._bytes["peaks"] += info["bytes"]
-        self.stats.add("peak_seconds", info["seconds"])
+        self._busy["peaks"] += info["seconds"]
         b.frames = None  # release the frames once nothing needs them
-        self._write_refs[self.writer.write.remote(b.seqs, b.indices, peaks_ref)] = b
+        self._write_refs[self.writer.write.remote(b.seqs, b.indices, peaks_ref, b.event_ids, b.timestamps)] = b
 
     def _on_write(self, ref) -> None:
         self._write_refs.pop(ref)
         ack = ray.get(ref)
+        self._busy["write"] += ack["seconds"]
         now = time.perf_counter()
         for seq in ack["written"]:
             self.stats.frame_written(now - self._t_read.pop(seq))
@@ -610,6 +686,37 @@ class StreamPipeline:
             self.stats.dropped += 1
         self._in_flight -= len(ack["written"]) + len(ack["dropped"])
         self._writer_buffered = ack["buffered"]
+
+    # ---------------------------------------------------------------------------------------- accounting
+    def _source_counters(self) -> dict[str, Any]:
+        counters = getattr(self.source, "counters", None)
+        return counters() if counters is not None else {}
+
+    def _stages(self) -> tuple[dict[str, dict], dict[str, Any]]:
+        """Per-stage utilisation and the limiting stage (:mod:`vitkit.infer.stats`)."""
+        from vitkit.infer.stats import limiting_stage, stage_utilisation
+
+        c = self._source_counters()
+        elapsed = time.perf_counter() - self.stats.t0
+        if "receive_s" in c:  # a socket: receive and decode apart from the waits for the producer
+            busy = {"receive": c["receive_s"], "decode": c["decode_s"]}
+        else:
+            busy = {"read": self._busy["read"]}
+        busy["batch"] = self._busy["batch"]
+        busy["driver"] = sum(busy.values())  # the stages above share the driver's one thread
+        busy.update(model=self._busy["model"], peaks=self._busy["peaks"], write=self._busy["write"])
+        alive = sum(s.state != "dead" for s in self.slots) or 1
+        stages = stage_utilisation(elapsed, busy, {"model": alive, "peaks": self.cfg.peaks.workers})
+        return stages, limiting_stage(stages, c.get("wait_s"), elapsed)
+
+    def _report_extra(self) -> str:
+        stages, _ = self._stages()
+        c = self._source_counters()
+        busy = " ".join(f"{k} {100 * v['utilisation']:.0f}%" for k, v in stages.items())
+        out = f"busy: {busy}"
+        if c:
+            out += f"; dropped {c.get('dropped', 0)}, malformed {c.get('malformed', 0)}"
+        return out
 
     # --------------------------------------------------------------------------------------------- loop
     def _depths(self) -> dict[str, Any]:
@@ -647,7 +754,7 @@ class StreamPipeline:
                               model_batches=len(self._model_refs), peak_tasks=len(self._peak_refs),
                               writer_buffer=self._writer_buffered)
             if every and time.perf_counter() - last_report >= every:
-                self.log(self.stats.report_line(self._depths()))
+                self.log(self.stats.report_line(self._depths(), self._report_extra()))
                 last_report = time.perf_counter()
             if self._done():
                 return
@@ -677,9 +784,15 @@ class StreamPipeline:
     def _finish(self) -> dict[str, Any]:
         from vitkit.apps.peaks.job import write_json
 
+        stages, limit = self._stages()
+        c = self._source_counters()
         w = ray.get(self.writer.close.remote())
         self._closed = True
         out = Path(self.cfg.output.dir)
+        if self.detector is not None:  # what maps the CXI's slab coordinates to the lab
+            from vitkit.apps.peaks.geom import write_geom
+
+            write_geom(self.detector, out / "detector.geom")
         s = self.stats.summary()
         frames = max(s["frames_read"], 1)
         logits = self._logit_bytes / frames
@@ -695,6 +808,11 @@ class StreamPipeline:
             "gaps": w["gaps"],
             "late_rows": w["late_rows"],
             "max_reorder_buffer": w["max_reorder_buffer"],
+            "events_dropped": int(c.get("dropped", 0)),
+            "messages_malformed": int(c.get("malformed", 0)),
+            "source": c,
+            "stages": stages,
+            "limiting_stage": limit,
             "max_frames_in_flight": self.cfg.max_frames_in_flight,
             "max_frames_in_flight_seen": self.stats.max_depth.get("frames_in_flight", 0),
             "num_actors": len(self.slots),
@@ -724,7 +842,9 @@ class StreamPipeline:
                  f"{summary['elapsed_s']:.1f} s = {summary['frames_per_s']:.2f} frames/s; latency p50 "
                  f"{(lat['p50'] or 0):.3f} s p95 {(lat['p95'] or 0):.3f} s; restarts {self._restarts}, re-run "
                  f"batches {len(self._rerun)}, duplicates dropped {w['duplicates_dropped']}; results "
-                 f"{results:.0f} B/frame vs {logits:.0f} B of float32 logits")
+                 f"{results:.0f} B/frame vs {logits:.0f} B of float32 logits; events dropped "
+                 f"{summary['events_dropped']}, malformed messages {summary['messages_malformed']}; limiting stage: "
+                 f"{limit['stage']}")
         return summary
 
     def _teardown(self) -> None:

@@ -1,81 +1,116 @@
-"""The work each pipeline stage does, as plain functions and classes (no Ray): sources, model, masks, peaks.
+"""The work each pipeline stage does, as plain functions and classes (no Ray): events, sources, masks.
 
-* :class:`MaskPredictor` -- ``load_model`` + the sliding-window/argmax path of
-  :func:`vitkit.apps.peaks.job.predict_masks` (on CPU it *is* ``predict_masks``), so masks equal
-  ``vitkit predict``'s bit for bit in fp32.
+* :class:`StreamItem` -- one event as a source hands it to the driver: arrival index, ``[P, H, W]`` float32,
+  the producer's event id and timestamp.
+* :class:`EventCheck` -- a received array as the event the detector expects (stack or slab layout, NaN only on
+  bad pixels), or an error naming the event and the shapes.
+* :func:`actor_finder` -- the model actors' :class:`~vitkit.apps.peaks.finder.PeakFinder`: the run's finder
+  (detector, mask, filters) with the trained model, so masks and peaks equal ``vitkit predict``'s in fp32.
 * :func:`pack_masks` / :func:`unpack_masks` -- compact masks for the object store: 1 bit per pixel
   (``np.packbits`` along rows) or 1 byte (``uint8``); never float logits.
-* :func:`batch_peaks` -- the peak tables ``vitkit predict`` extracts from the same masks.
-* :class:`FileStream` / :class:`SyntheticStream` -- frame sources read by the pipeline's driver in order,
-  ``poll(n)`` at a time. The Ray queue source lives in :mod:`vitkit.infer.ray`.
+* :class:`FileStream` / :class:`SyntheticStream` -- event sources read by the pipeline's driver in order,
+  ``poll(n)`` at a time. The Ray queue source lives in :mod:`vitkit.infer.ray`, the socket source in
+  :mod:`vitkit.infer.zmq`.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from vitkit.errors import InputError
 
-__all__ = ["MaskPredictor", "pack_masks", "unpack_masks", "batch_peaks", "FileStream", "SyntheticStream",
-           "as_frame"]
+__all__ = ["StreamItem", "EventCheck", "actor_finder", "pack_masks", "unpack_masks", "FileStream",
+           "SyntheticStream"]
+
+
+class StreamItem(NamedTuple):
+    """One event as a source hands it to the pipeline's driver."""
+
+    index: int
+    """Arrival order in this run (0, 1, ...; consecutive over the accepted events): the CXI row order."""
+    data: np.ndarray
+    """The event, float32 ``[P, H, W]`` (a single-panel frame is ``[1, H, W]``)."""
+    event_id: str
+    """The producer's event id (``str(index)`` when it sent none)."""
+    timestamp: float
+    """The producer's timestamp (seconds), NaN when it sent none."""
+
+
+# ------------------------------------------------------------------------------------------------ events
+class EventCheck:
+    """``check(array, where) -> float32 [P, H, W]``: one received event in the layout the run's detector takes.
+
+    With a detector, the array is a panel stack ``[P, H, W]`` or a slab ``[SS, FS]`` of it
+    (:meth:`~vitkit.apps.peaks.detector.Detector.to_panels`); without one, ``[H, W]`` is one panel and
+    ``[P, H, W]`` is ``P`` panels. Non-finite pixels are allowed on bad pixels (``good`` False; they become 0)
+    and raise :class:`~vitkit.apps.peaks.io.NaNFrameError` anywhere else. ``where`` names the event in errors.
+    """
+
+    def __init__(self, detector=None, good: np.ndarray | None = None):
+        self.detector, self.good = detector, good
+
+    def __call__(self, a, where: str = "event") -> np.ndarray:
+        from vitkit.apps.peaks.detector import DetectorShapeError
+        from vitkit.apps.peaks.io import NaNFrameError
+
+        a = np.asarray(a)
+        if a.dtype.kind not in "iuf":
+            raise InputError(f"{where}: expected a numeric detector array (integer or float), found dtype {a.dtype}.")
+        if self.detector is not None:
+            ev = self.detector.to_panels(a, where)
+            if len(ev) != 1:
+                raise DetectorShapeError(f"{where}: shape {a.shape} holds {len(ev)} events; expected one event "
+                                         f"{list(self.detector.stack_shape)} or one slab "
+                                         f"{list(self.detector.slab_shape)}.")
+            ev = ev[0]
+        elif a.ndim in (2, 3) and min(a.shape) > 0:
+            ev = a[None] if a.ndim == 2 else a
+        else:
+            raise InputError(f"{where}: expected an event [H, W] or [P, H, W], found shape {a.shape}.")
+        ev = np.ascontiguousarray(ev, dtype=np.float32)
+        bad = ~np.isfinite(ev)
+        if bad.any():
+            unmasked = bad if self.good is None else bad & self.good
+            if unmasked.any():
+                raise NaNFrameError(f"{where} has {int(unmasked.sum())} NaN/inf pixel(s) on good pixels (of "
+                                    f"{ev.size}, shape {ev.shape}); expected finite values. Mask them "
+                                    "(detector.mask) or replace them.")
+            ev = np.where(bad, np.float32(0), ev)
+        return ev
 
 
 # ------------------------------------------------------------------------------------------------ model
-class MaskPredictor:
-    """Peak masks of raw frames with a trained model (what ``vitkit predict`` computes).
-
-    Args:
-        checkpoint: run directory, ``.ckpt`` or exported model directory (:func:`~vitkit.apps.peaks.job.load_model`).
-        device: ``cpu`` or ``cuda[:N]``.
-        bf16: cast the weights to bfloat16 once (:func:`vitkit.layers.precision.cast_for_inference`: norms,
-            positions and softmax stay fp32); the masks then differ slightly from fp32 ``vitkit predict``.
-        overlap: sliding-window overlap.
-        torch_threads: ``torch.set_num_threads`` (None leaves it).
-    """
-
-    def __init__(self, checkpoint: str | os.PathLike, device: str = "cpu", bf16: bool = False, overlap: float = 0.25,
+def actor_finder(template, checkpoint: str | os.PathLike, device: str = "cpu", bf16: bool = False,
                  torch_threads: int | None = None):
-        import torch
+    """The run's :class:`~vitkit.apps.peaks.finder.PeakFinder` ``template`` (detector, mask, filters; no model)
+    with the trained model of ``checkpoint`` on ``device``.
 
-        from vitkit.apps.peaks.job import load_model
+    ``bf16`` casts the weights to bfloat16 once (:func:`vitkit.layers.precision.cast_for_inference`: norms,
+    positions and softmax stay fp32); masks then differ slightly from fp32 ``vitkit predict``.
+    """
+    import torch
 
-        if torch_threads:
-            torch.set_num_threads(int(torch_threads))
-        self.device = torch.device(device)
-        self.bf16 = bool(bf16)
-        self.overlap = float(overlap)
-        self.model = load_model(checkpoint).to(self.device).eval()
-        if self.bf16:
-            from vitkit.layers.precision import cast_for_inference
+    from vitkit.apps.peaks.finder import load_model
 
-            cast_for_inference(self.model, torch.bfloat16)
+    if torch_threads:
+        torch.set_num_threads(int(torch_threads))
+    model = load_model(checkpoint)
+    if bf16:
+        from vitkit.layers.precision import cast_for_inference
 
-    def warm_up(self) -> None:
-        """One forward pass on a blank window (first calls build kernels and caches)."""
-        h, w = (int(v) for v in self.model.img_size)
-        self(np.zeros((1, h, w), dtype=np.float32))
-
-    def __call__(self, frames) -> np.ndarray:
-        """``frames`` float32 ``[B, H, W]`` -> bool masks ``[B, H, W]``."""
-        import torch
-
-        from vitkit.apps.peaks.job import predict_masks
-
-        frames = np.asarray(frames, dtype=np.float32)
-        with torch.inference_mode():
-            masks = [m for _, m in predict_masks(self.model, frames, self.overlap, progress=False, device=self.device)]
-        return np.stack(masks) if masks else np.zeros((0, *frames.shape[1:]), dtype=bool)
+        cast_for_inference(model, torch.bfloat16)
+    return template.with_model(model, device)
 
 
 # ------------------------------------------------------------------------------------------------ masks
 def pack_masks(masks: np.ndarray, fmt: str = "packed") -> np.ndarray:
-    """Bool ``[B, H, W]`` -> ``uint8 [B, H, ceil(W / 8)]`` (``packed``) or ``uint8 [B, H, W]`` (``uint8``)."""
+    """Bool ``[..., H, W]`` -> ``uint8 [..., H, ceil(W / 8)]`` (``packed``) or ``uint8 [..., H, W]`` (``uint8``)."""
     masks = np.asarray(masks, dtype=bool)
-    if masks.ndim != 3:
-        raise InputError(f"pack_masks: expected masks [B, H, W], found shape {masks.shape}.")
+    if masks.ndim < 2:
+        raise InputError(f"pack_masks: expected masks [..., H, W], found shape {masks.shape}.")
     if fmt == "packed":
         return np.packbits(masks, axis=-1)
     if fmt == "uint8":
@@ -84,41 +119,18 @@ def pack_masks(masks: np.ndarray, fmt: str = "packed") -> np.ndarray:
 
 
 def unpack_masks(data: np.ndarray, width: int, fmt: str = "packed") -> np.ndarray:
-    """Inverse of :func:`pack_masks`: bool ``[B, H, width]``."""
+    """Inverse of :func:`pack_masks`: bool ``[..., H, width]``."""
     if fmt == "packed":
         return np.unpackbits(np.asarray(data, dtype=np.uint8), axis=-1, count=width).astype(bool)
     return np.asarray(data) != 0
 
 
-# ------------------------------------------------------------------------------------------------ peaks
-def batch_peaks(frames: np.ndarray, masks: np.ndarray, min_peaks: int = 0, max_peaks: int = 2048,
-                min_pixels: int = 3) -> list[np.ndarray]:
-    """Per frame a peak table, extracted exactly as ``vitkit predict`` (:class:`~vitkit.apps.peaks.finder.PeakFinder`
-    without a geometry) extracts it from the same masks: lone pixels are bad pixels, close peaks merged."""
-    from vitkit.apps.peaks.finder import MERGE_RADIUS, event_good, event_peaks
-
-    return [event_peaks(None, f[None], m[None], min_pixels, max_peaks, min_peaks, event_good(f[None], None),
-                        MERGE_RADIUS) for f, m in zip(np.asarray(frames), np.asarray(masks))]
-
-
 # ----------------------------------------------------------------------------------------------- sources
-def as_frame(item: Any) -> np.ndarray:
-    """The raw float32 ``[H, W]`` frame of an item (array, ``[1, H, W]``, tensor or dict with ``image``), as
-    ``vitkit predict`` reads it (:func:`vitkit.apps.peaks.job.frame_image`)."""
-    from vitkit.apps.peaks.job import frame_image
-
-    img = frame_image(item)
-    if img.ndim != 2:
-        raise InputError(f"stream source: expected a frame [H, W] (or [1, H, W]), found shape {img.shape}. "
-                         "Multi-panel stacks must be assembled (or sent panel by panel) first.")
-    return np.ascontiguousarray(img)
-
-
 class IndexedStream:
-    """Frames of an indexable source, read in order by the pipeline's driver."""
+    """Events of an indexable source, read in order by the pipeline's driver."""
 
-    def __init__(self, items):
-        self.items = items
+    def __init__(self, items, to_event, describe=str):
+        self.items, self.to_event, self.describe = items, to_event, describe
         self.next = 0
         self.total = len(items)
 
@@ -129,10 +141,11 @@ class IndexedStream:
     def depth(self) -> int | None:
         return self.total - self.next
 
-    def poll(self, n: int, timeout: float = 0.0) -> list[tuple[int, np.ndarray]]:
+    def poll(self, n: int, timeout: float = 0.0) -> list[StreamItem]:
         out = []
         while len(out) < n and self.next < self.total:
-            out.append((self.next, as_frame(self.items[self.next])))
+            i = self.next
+            out.append(StreamItem(i, self.to_event(self.items[i], self.describe(i)), self.describe(i), float("nan")))
             self.next += 1
         return out
 
@@ -143,23 +156,44 @@ class IndexedStream:
 
 
 class FileStream(IndexedStream):
-    """Frames of files (zarr, HDF5/CXI, .npy, PNG, TIFF, globs, CSV lists) via :func:`open_frames`, in order.
+    """Events of files (zarr, HDF5/CXI, .npy, globs, CSV lists) via :func:`open_frames`, in order; with a detector
+    as :class:`~vitkit.apps.peaks.finder.EventSource` reads them (``vitkit predict``'s checks). Event ids are
+    ``file[i]``. Opening checks that everything exists, so a missing file fails before any actor starts."""
 
-    Opening checks that everything exists, so a missing file fails before any actor starts.
-    """
-
-    def __init__(self, path, key: str | None = None):
+    def __init__(self, path, key: str | None = None, detector=None, good: np.ndarray | None = None):
+        from vitkit.apps.peaks.finder import EventSource
         from vitkit.apps.peaks.io import open_frames
 
-        super().__init__(open_frames(list(path) if isinstance(path, (list, tuple)) else path, key=key,
-                                     label_key=False))
+        frames = open_frames(list(path) if isinstance(path, (list, tuple)) else path, key=key, label_key=False)
+        if detector is not None:
+            events = EventSource(frames, detector, good)
+            super().__init__(events, lambda ev, where: ev, events.describe)
+        else:
+            check = EventCheck(None, good)
+            super().__init__(frames, lambda item, where: check(_raw(item), where), frames.describe)
 
 
 class SyntheticStream(IndexedStream):
-    """``num_frames`` frames of :class:`~vitkit.apps.peaks.synthetic.SyntheticPeakDataset` (generated on read)."""
+    """``num_frames`` simulated events, generated on read: single-panel frames of ``shape`` from
+    :class:`~vitkit.apps.peaks.synthetic.SyntheticPeakDataset`, or with a ``detector`` whole lattice stills
+    ``[P, H, W]`` from :class:`~vitkit.apps.peaks.lattice.LatticeStillsDataset`."""
 
-    def __init__(self, num_frames: int, shape, seed: int = 0):
-        from vitkit.apps.peaks.synthetic import SynthConfig, SyntheticPeakDataset
+    def __init__(self, num_frames: int, shape=(128, 128), seed: int = 0, detector=None):
+        check = EventCheck(detector)
+        if detector is not None:
+            from vitkit.apps.peaks.lattice import LatticeStillsDataset
 
-        super().__init__(SyntheticPeakDataset(int(num_frames), cfg=SynthConfig(shape=tuple(int(s) for s in shape)),
-                                              seed=int(seed)))
+            items = LatticeStillsDataset(int(num_frames), detector, seed=int(seed), panels_per_item=None)
+        else:
+            from vitkit.apps.peaks.synthetic import SynthConfig, SyntheticPeakDataset
+
+            items = SyntheticPeakDataset(int(num_frames), cfg=SynthConfig(shape=tuple(int(s) for s in shape)),
+                                         seed=int(seed))
+        super().__init__(items, lambda item, where: check(_raw(item), where), lambda i: f"synthetic:{seed}:{i}")
+
+
+def _raw(item: Any) -> np.ndarray:
+    """The raw array of a source item (array, tensor, dict with ``image``; ``[P, 1, H, W]`` loses its channel)."""
+    from vitkit.apps.peaks.job import event_of
+
+    return event_of(item)

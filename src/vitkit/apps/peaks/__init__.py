@@ -6,6 +6,9 @@
   writers for zarr stores, CXI peak lists (CrystFEL), CSV and overlay PNGs.
 * :mod:`.peakfind` -- mask -> peaks: vectorised connected components, intensity-weighted centroids and
   integrated intensities (:func:`find_peaks`, :func:`peaks_per_frame`, :func:`logits_to_mask`).
+* :mod:`.detector`, :mod:`.geom` -- multi-panel detectors (CrystFEL ``.geom`` read and written, built-in
+  epix10k2M, Jungfrau 4M, CSPAD layouts); :mod:`.lattice` -- lattice-still simulator.
+* :mod:`.finder` -- :class:`PeakFinder`: events ``[P, H, W]`` in, typed peak tables out (the one inference path).
 * :mod:`.metrics` -- one-to-one peak matching, peak precision/recall/F1/RMSE, pixel IoU/Dice.
 """
 

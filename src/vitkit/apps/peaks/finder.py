@@ -37,7 +37,7 @@ from vitkit.apps.peaks.peakfind import LONE_PIXEL_RATIO, PEAK_DTYPE, empty_peaks
 from vitkit.errors import CheckpointError, InputError
 
 __all__ = ["PEAK_DTYPE", "PeakFinder", "empty_peaks", "load_model", "read_mask", "bad_region_mask",
-           "EventSource", "event_peaks", "event_good", "MERGE_RADIUS"]
+           "EventSource", "event_peaks", "event_good", "run_geometry", "MERGE_RADIUS"]
 
 MERGE_RADIUS = 3.0
 """Peaks closer than this (px) are one peak (:func:`merge_close`); the simulator's truth merges alike."""
@@ -77,11 +77,12 @@ def load_model(checkpoint: str | Path):
     return model.eval()
 
 
-def _run_dir(checkpoint: str | Path) -> Path | None:
+def run_geometry(checkpoint: str | Path) -> Path | None:
+    """The ``detector.geom`` a training run wrote beside its checkpoints (None if it has none)."""
     path = Path(checkpoint)
     for cand in (path, path.parent, path.parent.parent):
         if (cand / "detector.geom").exists():
-            return cand
+            return cand / "detector.geom"
     return None
 
 
@@ -320,7 +321,8 @@ class PeakFinder:
     """A trained model plus a detector: events in, peak tables out.
 
     Args:
-        model: a trained :class:`vitkit.EoMT` (eval mode is set).
+        model: a trained :class:`vitkit.EoMT` (eval mode is set); None: a finder that only extracts peaks from
+            masks it is given (:meth:`peaks`), e.g. in a worker beside the one that runs the model.
         detector: a :class:`Detector`, a ``.geom`` path or a built-in name; None: each event is a single
             panel of whatever shape it has (lab coordinates NaN).
         good: good-pixel mask ``[P, H, W]`` (True = good; any layout :meth:`Detector.to_panels` accepts) or a
@@ -352,7 +354,7 @@ class PeakFinder:
                  batch_size: int = 32, min_pixels: int = 3, min_peaks: int = 0, max_peaks: int | None = 2048,
                  merge_radius: float = MERGE_RADIUS, threshold: float = 0.6, hysteresis: float | None = 0.25,
                  lone_pixel_ratio: float | None = LONE_PIXEL_RATIO):
-        self.model = model.eval().to(device)
+        self.model = None if model is None else model.eval().to(device)
         self.device = torch.device(device)
         self.detector = None if detector is None else load_detector(detector)
         self.overlap, self.batch_size = overlap, batch_size
@@ -371,12 +373,21 @@ class PeakFinder:
             self.good = np.asarray(good, dtype=bool)
             self.good = self.good[None] if self.good.ndim == 2 else self.good
 
+    def with_model(self, model, device: str | torch.device | None = None) -> PeakFinder:
+        """A copy of this finder (detector, mask, filters) that runs ``model`` on ``device``."""
+        import copy
+
+        out = copy.copy(self)
+        out.device = torch.device(device) if device is not None else self.device
+        out.model = None if model is None else model.eval().to(out.device)
+        return out
+
     @classmethod
     def from_run(cls, run: str | os.PathLike, geometry=None, mask=None, **kwargs: Any) -> PeakFinder:
         """A finder from a ``vitkit train`` run (directory, ``.ckpt`` or exported model). ``geometry``
         defaults to the run's ``detector.geom``."""
-        if geometry is None and (run_dir := _run_dir(run)) is not None:
-            geometry = run_dir / "detector.geom"
+        if geometry is None:
+            geometry = run_geometry(run)
         return cls(load_model(run), geometry, mask, **kwargs)
 
     def _events(self, events) -> np.ndarray:
@@ -436,6 +447,9 @@ class PeakFinder:
         from vitkit.tasks.postprocess import semantic_inference
         from vitkit.tasks.transforms import robust_normalise
 
+        if self.model is None:
+            raise InputError("PeakFinder: this finder has no model (built with model=None); it can only extract "
+                             "peaks from given masks (PeakFinder.peaks).")
         n, p, h, w = ev.shape
         unit = None if self.detector is None else self.detector.photon_adu()
         gt = None if g is None else torch.from_numpy(np.array(g))

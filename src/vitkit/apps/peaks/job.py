@@ -14,8 +14,8 @@ import torch
 
 from vitkit.apps.peaks.finder import MODEL_CONFIG_KEY, PeakFinder, load_model
 
-__all__ = ["compose", "train", "predict", "evaluate", "truth_of", "load_model", "PeakFinder", "predict_masks",
-           "format_metrics", "write_json", "event_of", "frame_image", "MODEL_CONFIG_KEY"]
+__all__ = ["compose", "train", "predict", "evaluate", "truth_of", "load_model", "PeakFinder",
+           "format_metrics", "write_json", "event_of", "MODEL_CONFIG_KEY"]
 
 # ---------------------------------------------------------------------------------------- config
 def compose(overrides: list[str] | None = None, config_name: str = "train"):
@@ -56,25 +56,6 @@ def event_of(item) -> np.ndarray:
     if img.ndim == 4 and img.shape[1] == 1:  # panels with a channel axis [P, 1, H, W]
         img = img[:, 0]
     return img[None] if img.ndim == 2 else img
-
-
-def frame_image(item) -> np.ndarray:
-    """The raw ``[H, W]`` float32 frame of a single-panel source item."""
-    return event_of(item)[0]
-
-
-@torch.no_grad()
-def predict_masks(model, frames, overlap: float = 0.25, progress: bool = True, device: str | torch.device = "cpu"):
-    """Peak masks of single-panel frames (what ``vitkit predict`` computes for them, through
-    :class:`~vitkit.apps.peaks.finder.PeakFinder`). Yields ``(raw [H, W] float32, mask [H, W] bool)`` in order."""
-    from tqdm.auto import tqdm
-
-    from vitkit.apps.peaks.finder import PeakFinder
-
-    finder = PeakFinder(model, None, device=device, overlap=overlap)
-    for i in tqdm(range(len(frames)), desc="predict", unit="frame", disable=not progress):
-        raw = frame_image(frames[i])
-        yield raw, finder.masks(raw[None, None])[0, 0]
 
 
 def predict(finder, events, out: Path, overlays: int = 2, write_frames: bool = False, progress: bool = True,
