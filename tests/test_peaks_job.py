@@ -304,3 +304,35 @@ def test_evaluate_defaults_to_the_runs_held_out_frames(trained_run, tmp_path):
     got = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     want = json.loads((run / "metrics.json").read_text())
     assert got == want  # same model, same held-out synthetic frames as the end of `vitkit train`
+
+
+def test_readme_event_loop_example_runs_as_written(trained_run, tmp_path, monkeypatch):
+    """The README's ten-line event loop (vitkit.PeakFinder.from_run, one event [16, 352, 384] at a time), run
+    as written on simulated shots with a .geom and a mask file; only the run path is substituted."""
+    import contextlib
+    import io
+    import re
+
+    from vitkit.apps.peaks.detector import builtin_detector
+    from vitkit.apps.peaks.geom import write_geom
+
+    run, _ = trained_run
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- event-loop example.*?-->\n```python\n(.*?)```", readme, re.S).group(1)
+    assert len(block.strip().splitlines()) <= 10 and 'run, geometry, mask = "runs/<run>"' in block
+    monkeypatch.chdir(tmp_path)
+    det = builtin_detector("epix10k2m")
+    write_geom(det, "epix.geom")
+    good = np.ones(det.stack_shape, dtype=np.uint8)
+    good[3] = 0  # panel 3 masked whole: no peak may come from it
+    with h5py.File("mask.h5", "w") as f:
+        f["mask"] = good
+    out, ns = io.StringIO(), {}
+    with contextlib.redirect_stdout(out):
+        exec(compile(block.replace("runs/<run>", str(run)), "README.md", "exec"), ns)
+    lines = [ln for ln in out.getvalue().splitlines() if ln[:1].isdigit()]
+    assert [ln.split()[0] for ln in lines] == ["0", "1"], out.getvalue()
+    finder, peaks = ns["finder"], ns["peaks"]  # the example's own objects, after its last event
+    assert finder.detector.stack_shape == (16, 352, 384) and not finder.good[3].any() and finder.good[4].all()
+    assert int(lines[-1].split()[1]) == len(peaks) and peaks.dtype.names[:3] == ("panel", "fs", "ss")
+    assert not (peaks["panel"] == 3).any() and np.isfinite(peaks["x_lab"]).all()

@@ -36,7 +36,7 @@ from vitkit.apps.peaks.io import (
     write_zarr,
 )
 from vitkit.apps.peaks.metrics import match_peaks, peak_metrics, pixel_metrics
-from vitkit.apps.peaks.peakfind import find_peaks, label_components, logits_to_mask, peaks_per_frame
+from vitkit.apps.peaks.peakfind import PEAK_DTYPE, find_peaks, label_components, logits_to_mask, peaks_per_frame
 from vitkit.apps.peaks.synthetic import (
     SynthConfig,
     SyntheticPeakDataset,
@@ -47,7 +47,7 @@ from vitkit.apps.peaks.synthetic import (
 
 __all__ = [
     "SynthConfig", "SyntheticPeakDataset", "collate_peaks", "make_frame", "make_panel_stack",
-    "find_peaks", "peaks_per_frame", "label_components", "logits_to_mask",
+    "PEAK_DTYPE", "find_peaks", "peaks_per_frame", "label_components", "logits_to_mask",
     "match_peaks", "peak_metrics", "pixel_metrics",
     "open_frames", "read_frames", "write_zarr", "write_cxi", "read_cxi_peaks", "write_csv", "read_csv_peaks",
     "save_overlay_png", "FrameSource", "ZarrSource", "H5Source", "NpySource", "ImageSource", "ConcatSource",
