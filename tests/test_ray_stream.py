@@ -293,6 +293,59 @@ def test_a_bad_item_midway_ends_the_run_with_its_error_and_cleans_up(model_run, 
     assert list(tmp_path.iterdir()) == []  # no CXI, no temporary file
 
 
+@pytest.fixture(scope="module")
+def small_geom(tmp_path_factory):
+    """A 4-panel detector (64 x 96 panels around the beam) as a .geom file."""
+    from vitkit.apps.peaks.detector import Detector, Panel
+    from vitkit.apps.peaks.geom import write_geom
+
+    corners = [(-100.0, -70.0), (4.0, -70.0), (-100.0, 6.0), (4.0, 6.0)]
+    det = Detector([Panel(f"p{k}", 0, 95, 64 * k, 64 * k + 63, corner_x=cx, corner_y=cy, index=k)
+                    for k, (cx, cy) in enumerate(corners)], photon_energy=9500.0, clen=0.1, adu_per_photon=1.0)
+    return write_geom(det, tmp_path_factory.mktemp("geom") / "small.geom")
+
+
+def test_multi_panel_events_stream_as_predict_finds_them(model_run, ray_local, small_geom, tmp_path):
+    """Whole 4-panel events (an HDF5 of psana stacks [N, 4, 64, 96]) through 2 actors (the panels of 2 events
+    per call) equal `vitkit predict` with the same geometry and mask: rows in arrival order with event ids, slab
+    coordinates, detector.geom beside the CXI."""
+    from vitkit.apps.peaks.finder import PeakFinder
+    from vitkit.apps.peaks.geom import read_geom
+    from vitkit.apps.peaks.job import predict
+    from vitkit.infer.ray import run_stream
+
+    n = 12
+    ds = SyntheticPeakDataset(4 * n, SynthConfig(shape=SHAPE), seed=SEED)  # frames the model knows, as panels
+    events = np.stack([ds[i]["image"].numpy()[0] for i in range(4 * n)]).reshape(n, 4, *SHAPE)
+    with h5py.File(tmp_path / "run.h5", "w") as f:
+        f["/entry_1/data_1/data"] = events
+    good = np.ones((4, *SHAPE), dtype=bool)
+    good[2, :, :48] = False  # half of panel 2 masked
+    np.save(tmp_path / "mask.npy", good)
+    finder = PeakFinder.from_run(model_run, geometry=small_geom, mask=tmp_path / "mask.npy")
+    ref = predict(finder, events, tmp_path / "pred", overlays=0, progress=False)["peaks"]
+    assert sum(len(t) for t in ref) > 100 and {int(p) for t in ref for p in t["panel"]} == {0, 1, 2, 3}
+    assert not any(((t["panel"] == 2) & (t["fs"] < 47.5)).any() for t in ref)
+    s = run_stream(load_stream_config("default", [
+        f"model.checkpoint={model_run}", f"output.dir={tmp_path / 'out'}", *RES, "source.kind=files",
+        f"source.path={tmp_path / 'run.h5'}", f"detector.geometry={small_geom}",
+        f"detector.mask={tmp_path / 'mask.npy'}", "model.num_actors=2", "model.batch_size=2",
+        "max_frames_in_flight=6"]), log=None)
+    assert_same_peaks(s, read_cxi_peaks(tmp_path / "pred" / "peaks.cxi"))
+    with h5py.File(s["output"]) as f:
+        ids = [x.decode() for x in f["/entry_1/event_id"][()]]
+        assert ids == [f"frame {i} of {tmp_path / 'run.h5'}" for i in range(n)]
+        assert np.isnan(f["/entry_1/timestamp"][()]).all()
+    assert read_geom(tmp_path / "out" / "detector.geom").stack_shape == (4, *SHAPE)
+    assert s["object_store_bytes"]["frame_shapes"] == [[4, *SHAPE]]
+    assert s["object_store_bytes"]["masks"] == n * 4 * SHAPE[0] * SHAPE[1] // 8
+    # every stage's busy time is counted; the limiting stage is named with its reason
+    assert set(s["stages"]) == {"read", "batch", "driver", "model", "peaks", "write"}
+    assert s["stages"]["model"]["busy_s"] > 0 and s["stages"]["model"]["workers"] == 2
+    assert s["limiting_stage"]["stage"] in s["stages"] and s["limiting_stage"]["why"]
+    assert_shut_down(s)
+
+
 def test_actor_finder_is_predicts_finder_and_bf16_stays_close(model_run):
     """The model actors' finder (the run's model-less template + the model) computes `vitkit predict`'s masks;
     the peak tasks' model-less finder turns them into predict's tables."""
@@ -375,3 +428,140 @@ def test_report_lines_show_rates_latency_and_queue_depths():
     line = st.report_line({"source": 3, "in_flight": "4/8"})
     assert "4 frames written" in line and "p50 0.250 s" in line and "p95 0.385 s" in line
     assert "queues: source 3 | in_flight 4/8" in line
+
+
+# ------------------------------------------------------------------------------------------- zmq source
+def free_endpoint() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_zmq_source_multi_panel_malformed_messages_and_a_killed_actor(model_run, ray_local, small_geom, tmp_path):
+    """4-panel events over a PUSH socket, three malformed messages among them (garbage, wrong shape, complex
+    dtype): the bad ones are counted and logged with their event ids, the stream goes on; one of two actors is
+    SIGKILLed with a batch in flight and nothing is lost or doubled: the CXI equals `vitkit predict` on the good
+    events, in arrival order, with the producer's ids and timestamps."""
+    import threading
+
+    import zmq
+
+    from vitkit.apps.peaks.finder import PeakFinder
+    from vitkit.apps.peaks.job import predict
+    from vitkit.infer.ray import run_stream
+    from vitkit.infer.zmq import encode_event
+
+    n = 16
+    ds = SyntheticPeakDataset(4 * n, SynthConfig(shape=SHAPE), seed=SEED + 2)
+    events = np.stack([ds[i]["image"].numpy()[0] for i in range(4 * n)]).reshape(n, 4, *SHAPE)
+    ref = predict(PeakFinder.from_run(model_run, geometry=small_geom), events, tmp_path / "pred", overlays=0,
+                  progress=False)["peaks"]
+    bad = {3: [b"not an npz at all"],
+           7: encode_event(np.zeros((3, *SHAPE), np.float32), "bad-shape"),
+           11: encode_event(np.zeros((4, *SHAPE), np.complex64), "bad-dtype", fmt="raw")}
+    endpoint = free_endpoint()
+    sent = []
+
+    def producer():
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, 2)
+        sock.bind(endpoint)
+        k = 0
+        for i in range(n):
+            if i in bad:
+                sock.send_multipart(bad.pop(i))
+            sock.send_multipart(encode_event(events[i].astype(np.uint16) if i % 2 else events[i], f"r7:{i}",
+                                             1000.0 + i, fmt="raw" if i % 3 == 0 else "npz"))
+            sent.append(f"r7:{i}")
+            k += 1
+        sock.send_multipart([b""])
+        sock.close(linger=10_000)
+        ctx.term()
+
+    # uint16 events lose their fractions: the reference is what the stream receives
+    events = np.stack([np.floor(e).astype(np.uint16).astype(np.float32) if i % 2 else e
+                       for i, e in enumerate(events)])
+    ref = predict(PeakFinder.from_run(model_run, geometry=small_geom), events, tmp_path / "pred", overlays=0,
+                  progress=False)["peaks"]
+    t = threading.Thread(target=producer, daemon=True)
+    t.start()
+    lines: list[str] = []
+    s = run_stream(load_stream_config("default", [
+        f"model.checkpoint={model_run}", f"output.dir={tmp_path / 'out'}", *RES, "source.kind=zmq",
+        f"source.endpoints={endpoint}", f"detector.geometry={small_geom}", "model.num_actors=2",
+        "model.batch_size=2", "max_frames_in_flight=6", "fault.kill_actor_after_batches=2",
+        "fault.kill_mode=sigkill"]), log=lines.append)
+    t.join(30)
+    assert not t.is_alive() and sent == [f"r7:{i}" for i in range(n)]
+    assert_same_peaks(s, read_cxi_peaks(tmp_path / "pred" / "peaks.cxi"))
+    with h5py.File(s["output"]) as f:
+        assert [x.decode() for x in f["/entry_1/event_id"][()]] == sent
+        assert np.array_equal(f["/entry_1/timestamp"][()], 1000.0 + np.arange(n))
+    assert s["messages_malformed"] == 3 and s["source"]["malformed_ids"] == [None, "bad-shape", "bad-dtype"]
+    assert s["source"]["accepted"] == n and s["events_dropped"] == 0
+    logged = [ln for ln in lines if ln.startswith("[stream] zmq: malformed message")]
+    assert len(logged) == 3 and "'bad-shape'" in logged[1] and "(3, 64, 96)" in logged[1]
+    assert "'bad-dtype'" in logged[2] and "complex" in logged[2]
+    assert s["actor_deaths"] == 1 and s["actor_restarts"] == 1 and s["duplicates_dropped"] == 0
+    assert set(s["fault_injected"]["batches_in_flight"]) <= set(s["rerun_batches"])
+    assert {"receive", "decode", "batch", "driver", "model", "peaks", "write"} == set(s["stages"])
+    assert_shut_down(s)
+
+
+def run_soak(model_run, tmp_path, n: int, *extra: str, rate_hz: float | None = None):
+    """`vitkit stream` (a subprocess with its own Ray) fed `n` single-panel events over zmq by a producer thread
+    that sends as fast as the socket takes them (or at `rate_hz`). Returns (stats, producer result, stderr)."""
+    import threading
+
+    from vitkit.infer.zmq import produce
+
+    ds = SyntheticPeakDataset(8, SynthConfig(shape=SHAPE), seed=SEED)
+    pool = [ds[i]["image"].numpy()[0] for i in range(8)]
+    endpoint = free_endpoint()
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(produce(
+        endpoint, ((f"soak:{i}", pool[i % 8]) for i in range(n)), hwm=4, rate_hz=rate_hz, send_timeout_s=300)),
+        daemon=True)
+    t.start()
+    out = tmp_path / "out"
+    res = run_cli("stream", "default", f"model.checkpoint={model_run}", "source.kind=zmq",
+                  f"source.endpoints={endpoint}", f"output.dir={out}", "ray.num_cpus=2", "model.num_actors=2",
+                  "model.num_cpus=0.5", "peaks.num_cpus=0.5", "model.batch_size=8", "max_frames_in_flight=32",
+                  "report_every_s=2", *extra, "--report", timeout=600)
+    t.join(60)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not t.is_alive() and result["sent"] == n
+    return json.loads((out / "stream_stats.json").read_text()), result, res
+
+
+def test_zmq_soak_blocks_the_sender_keeps_memory_bounded_and_ends_with_the_producer(model_run, tmp_path):
+    """1,500 events pushed faster than 2 actors can take them: the pipeline never holds more than its cap, the
+    sender is held back (it spends most of its time blocked), every event is written exactly once, the driver's
+    peak RSS stays under 1.5 GiB, and the run ends when the producer's end marker arrives. (The 10,000-event
+    soak is benchmarks/stream.py --soak; its numbers are in benchmarks/RESULTS.md.)"""
+    n = 1500
+    s, sent, res = run_soak(model_run, tmp_path, n)
+    assert s["frames_written"] == s["rows"] == n and s["events_dropped"] == 0 and s["duplicates_dropped"] == 0
+    assert s["max_frames_in_flight_seen"] <= 32 and s["source"]["end_markers"] == 1
+    assert sent["blocked_s"] > 0.3 * sent["seconds"]  # backpressure: the socket was not read while full
+    assert s["peak_rss_mib"]["driver"] < 1536 and all(0 < m < 2048 for m in s["peak_rss_mib"]["model_actors"])
+    with h5py.File(s["output"]) as f:
+        assert [x.decode() for x in f["/entry_1/event_id"][()]] == [f"soak:{i}" for i in range(n)]
+    assert "limiting stage: " in res.stdout and s["limiting_stage"]["stage"] in ("model", "peaks", "driver")
+    progress = [ln for ln in res.stderr.splitlines() if ln.startswith("[stream ")]
+    assert progress and all("busy: " in ln and "dropped 0" in ln for ln in progress)
+
+
+def test_zmq_drop_oldest_counts_every_event_it_drops(model_run, tmp_path):
+    """Live-monitoring policy: the socket is read on while the pipeline is full and the oldest waiting events
+    are dropped: written + dropped = sent, the drops are warned about, nothing is written twice."""
+    n = 400
+    s, sent, res = run_soak(model_run, tmp_path, n, "source.overflow=drop_oldest", "source.buffer_events=8")
+    assert s["events_dropped"] > 0 and s["frames_written"] + s["events_dropped"] == n
+    assert s["duplicates_dropped"] == 0 and "dropping the oldest waiting events" in res.stderr
+    with h5py.File(s["output"]) as f:
+        ids = [int(x.decode().split(":")[1]) for x in f["/entry_1/event_id"][()]]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids) and ids[-1] == n - 1  # the newest survive

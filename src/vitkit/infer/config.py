@@ -67,6 +67,9 @@ class SourceConfig:
     """zmq: the npz key of the detector array ``[P, H, W]`` or slab ``[SS, FS]``."""
     id_key: str = "event_id"
     timestamp_key: str = "timestamp"
+    batched: bool = False
+    """zmq: each message holds a batch ``[B, ...]`` of events (LCLStreamer's batch pipeline); ids/timestamps
+    ``[B]`` or one for all."""
     hwm: int = 4
     """zmq: receive high-water mark (messages held on this side while the pipeline is full)."""
     idle_timeout_s: float | None = None

@@ -155,8 +155,8 @@ class _WriterActor:
 
         self.w = OrderedCXIWriter(path, max_peaks=max_peaks, flush_every_s=flush_every_s)
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> int:
+        return os.getpid()
 
     def write(self, seqs: list[int], indices: list[int], peaks: list[np.ndarray], event_ids: list[str],
               timestamps: list[float]) -> dict:
@@ -320,6 +320,17 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def peak_rss_mb(pid: int) -> float | None:
+    """Peak resident memory (``VmHWM``) of a process on this node, in MiB; None where /proc cannot tell."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class StreamPipeline:
     """One streaming run. ``StreamPipeline(cfg).run()`` returns the summary dict (also written as JSON next to
     the CXI). ``queue`` is a ``ray.util.queue.Queue`` for ``source.kind=queue`` (else ``source.queue_name``)."""
@@ -354,6 +365,8 @@ class StreamPipeline:
         self.detector = None
         self.finder = None  # the run's PeakFinder without its model (peak tasks); ObjectRef in _finder_ref
         self._finder_ref = None
+        self._writer_pid = None
+        self._peak_pids: list[int] = []
         self._busy = {"read": 0.0, "batch": 0.0, "model": 0.0, "peaks": 0.0, "write": 0.0}
         self._num_classes = 2
         self._logit_bytes = 0
@@ -402,7 +415,7 @@ class StreamPipeline:
             return ZmqStream(s.endpoints, socket=s.socket, bind=s.bind, topic=s.topic, data_key=s.data_key,
                              id_key=s.id_key, timestamp_key=s.timestamp_key, hwm=s.hwm,
                              num_producers=s.num_producers, idle_timeout_s=s.idle_timeout_s, overflow=s.overflow,
-                             buffer_events=s.buffer_events, check=self.check, log=self.log)
+                             buffer_events=s.buffer_events, check=self.check, log=self.log, batched=s.batched)
         return None  # queue: needs Ray
 
     def _init_ray(self) -> None:
@@ -481,6 +494,8 @@ class StreamPipeline:
                               "free. Lower model.num_actors / num_cpus / num_gpus.") from e
         except RayActorError as e:
             raise StreamError(f"a model actor failed to start (loading {m.checkpoint} on {m.device}): {e}") from e
+        self._writer_pid = got[len(self.slots)]
+        self._peak_pids = sorted(set(got[len(self.slots) + 1:]))
         for s, info in zip(self.slots, got):
             s.pid, s.node = info["pid"], info["node"]
             s.pids.append(s.pid)
@@ -786,6 +801,10 @@ class StreamPipeline:
 
         stages, limit = self._stages()
         c = self._source_counters()
+        here = ray.get_runtime_context().get_node_id()
+        rss = {"driver": peak_rss_mb(os.getpid()), "writer": peak_rss_mb(self._writer_pid),
+               "model_actors": [peak_rss_mb(sl.pid) if sl.node == here else None for sl in self.slots],
+               "peak_workers": [peak_rss_mb(p) for p in self._peak_pids]}
         w = ray.get(self.writer.close.remote())
         self._closed = True
         out = Path(self.cfg.output.dir)
@@ -813,6 +832,7 @@ class StreamPipeline:
             "source": c,
             "stages": stages,
             "limiting_stage": limit,
+            "peak_rss_mib": rss,
             "max_frames_in_flight": self.cfg.max_frames_in_flight,
             "max_frames_in_flight_seen": self.stats.max_depth.get("frames_in_flight", 0),
             "num_actors": len(self.slots),
