@@ -204,7 +204,7 @@ def test_stream_equals_predict_with_two_actors_and_a_frame_cap(model_run, refere
     assert all(a["batches"] > 0 for a in s["actors"]), s["actors"]  # both actors worked
     # backpressure: the cap is reached (the source is faster than the model) and never exceeded
     assert s["max_frames_in_flight_seen"] == cap
-    assert s["max_queue_depths"]["batches_per_actor"] <= 2 and s["max_queue_depths"]["peak_tasks"] <= 2
+    assert s["max_queue_depths"]["batches_per_actor"] <= 2 and s["max_queue_depths"]["peak_calls"] <= 2
     assert s["max_reorder_buffer"] <= cap
     assert 0 < s["latency_s"]["p50"] <= s["latency_s"]["p95"] and s["frames_per_s"] > 0
     # compact results: bit-packed masks + peak lists, far below float32 logits [2, H, W]
@@ -384,7 +384,7 @@ def test_missing_inputs_and_resources_fail_before_any_actor_starts(model_run, ra
                    log=None)
     with pytest.raises(FileNotFoundError, match="model.checkpoint"):
         run_stream(stream_cfg(tmp_path / "no_run", tmp_path), log=None)
-    with pytest.raises(StreamError, match="needs 5 Ray CPUs .* the cluster has 2"):
+    with pytest.raises(StreamError, match="needs 6 Ray CPUs .* the cluster has 2"):
         run_stream(stream_cfg(model_run, tmp_path, "model.num_actors=4", "model.num_cpus=1", "peaks.num_cpus=1"),
                    log=None)
     assert ray.available_resources().get("CPU") == 2 and not (tmp_path / "peaks.cxi").exists()

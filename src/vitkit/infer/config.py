@@ -127,9 +127,9 @@ class ModelConfig:
 @dataclass
 class PeaksConfig:
     workers: int = 2
-    """Peak-finding tasks in flight at most (a hard bound, not a hint)."""
-    num_cpus: float = 1.0
-    """Ray CPUs per peak-finding task."""
+    """Peak-finding actors; each has one call in flight at most (a hard bound, not a hint)."""
+    num_cpus: float = 0.5
+    """Ray CPUs reserved per peak actor."""
     min_peaks: int = 0
     max_peaks: int = 2048
     min_pixels: int = 3

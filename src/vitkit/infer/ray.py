@@ -10,15 +10,17 @@ Stages
       ``None`` sentinel, the stream ends after ``num_producers`` sentinels). Every event is checked against the
       run's detector (:class:`~vitkit.infer.stages.EventCheck`): a panel stack ``[P, H, W]`` or a slab.
     * **batcher**: ``batch_size`` events of one shape are stacked and ``ray.put`` once; the model actor and the
-      peak task read the same object (zero copy).
+      peak actor read the same object (zero copy).
     * **model actors** (``num_actors``, CPU or GPU, optional bf16 weights): the run's
       :class:`~vitkit.apps.peaks.finder.PeakFinder` with the model (:func:`~vitkit.infer.stages.actor_finder`):
       the panels of all events of a batch go through the model together, so masks equal ``vitkit predict``'s.
       They return bit-packed masks (1 bit per pixel), never logits. At most ``max_batches_per_actor`` batches
       per actor are queued.
-    * **peak tasks** (CPU, ``num_cpus`` each): :meth:`PeakFinder.peaks` (the same finder without its model) on
-      the unpacked masks and the raw events: one peak table per event (panel, panel/slab/lab coordinates, ...).
-      At most ``peaks.workers`` tasks are in flight -- a hard bound kept by the driver, not a scheduling hint.
+    * **peak actors** (``peaks.workers`` of them, CPU, ``num_cpus`` each): :meth:`PeakFinder.peaks` (the same
+      finder without its model) on the unpacked masks and the raw events: one peak table per event (panel,
+      panel/slab/lab coordinates, ...). One call in flight per actor -- a hard bound kept by the driver. They
+      are long-lived actors, not tasks: Ray kills idle task workers after a second and a new one spends seconds
+      importing vitkit, which stalled the whole pipeline (41 vs 148 events/s in the soak benchmark).
     * **writer** (one actor, on the driver's node): :class:`~vitkit.infer.cxi.OrderedCXIWriter` writes rows in
       index (arrival) order whatever the completion order, with each event's id and timestamp, drops duplicate
       indices, renames the file into place at the end; the run's ``detector.geom`` goes beside it.
@@ -125,26 +127,23 @@ class _ModelActor:
         return data, {"pid": os.getpid(), "seconds": time.perf_counter() - t, "bytes": int(data.nbytes)}
 
 
-def _peak_task_fn(events: np.ndarray, masks: np.ndarray, fmt: str, finder):
-    from vitkit.infer.stages import unpack_masks
+class _PeakActor:
+    """One peak extractor (a Ray actor): the run's model-less PeakFinder on masks and raw events."""
 
-    t = time.perf_counter()
-    peaks = finder.peaks(events, unpack_masks(masks, events.shape[-1], fmt))
-    return peaks, {"n_peaks": [len(p) for p in peaks], "bytes": int(sum(p.nbytes for p in peaks)),
-                   "seconds": time.perf_counter() - t}
+    def __init__(self, finder):
+        self.finder = finder
 
+    def ready(self) -> int:
+        return os.getpid()
 
-_peak_task = ray.remote(num_returns=2)(_peak_task_fn)
+    @ray.method(num_returns=2)
+    def peaks(self, events: np.ndarray, masks: np.ndarray, fmt: str):
+        from vitkit.infer.stages import unpack_masks
 
-
-@ray.remote
-def _warm_up() -> int:
-    """Start a worker for peak tasks ahead of the stream (imports take seconds)."""
-    import vitkit.apps.peaks.peakfind  # noqa: F401
-    import vitkit.infer.stages  # noqa: F401
-
-    time.sleep(0.2)  # hold the worker so that the next warm-up task starts another one
-    return os.getpid()
+        t = time.perf_counter()
+        peaks = self.finder.peaks(events, unpack_masks(masks, events.shape[-1], fmt))
+        return peaks, {"n_peaks": [len(p) for p in peaks], "bytes": int(sum(p.nbytes for p in peaks)),
+                       "seconds": time.perf_counter() - t}
 
 
 class _WriterActor:
@@ -363,10 +362,12 @@ class StreamPipeline:
         self._bytes = {"frames": 0, "masks": 0, "peaks": 0}
         self._shapes: set[tuple[int, ...]] = set()
         self.detector = None
-        self.finder = None  # the run's PeakFinder without its model (peak tasks); ObjectRef in _finder_ref
+        self.finder = None  # the run's PeakFinder without its model (peak actors); ObjectRef in _finder_ref
         self._finder_ref = None
         self._writer_pid = None
         self._peak_pids: list[int] = []
+        self.peak_actors: list = []
+        self._peak_busy: list[bool] = []
         self._busy = {"read": 0.0, "batch": 0.0, "model": 0.0, "peaks": 0.0, "write": 0.0}
         self._num_classes = 2
         self._logit_bytes = 0
@@ -433,12 +434,13 @@ class StreamPipeline:
     def _check_resources(self) -> None:
         m, p = self.cfg.model, self.cfg.peaks
         res = ray.cluster_resources()
-        need_cpu = m.num_actors * m.num_cpus + p.num_cpus
+        need_cpu = m.num_actors * m.num_cpus + p.workers * p.num_cpus
         if need_cpu > res.get("CPU", 0) + 1e-9:
             raise StreamError(
                 f"the run needs {need_cpu:g} Ray CPUs ({m.num_actors} model actors x model.num_cpus={m.num_cpus:g} "
-                f"+ one peak task x peaks.num_cpus={p.num_cpus:g}) but the cluster has {res.get('CPU', 0):g}. Lower "
-                "model.num_actors / model.num_cpus / peaks.num_cpus or give Ray more CPUs (ray.num_cpus).")
+                f"+ {p.workers} peak actors x peaks.num_cpus={p.num_cpus:g}) but the cluster has "
+                f"{res.get('CPU', 0):g}. Lower model.num_actors / model.num_cpus / peaks.workers / peaks.num_cpus or "
+                "give Ray more CPUs (ray.num_cpus).")
         need_gpu = m.num_actors * self._actor_gpus()
         if need_gpu > res.get("GPU", 0) + 1e-9:
             raise StreamError(f"the run needs {need_gpu:g} GPUs ({m.num_actors} actors on {m.device}) but the Ray "
@@ -485,9 +487,12 @@ class StreamPipeline:
         self.slots = [_Slot(i, actor_cls.remote(ckpt_abs, self._finder_ref, m.device, m.bf16, m.torch_threads,
                                                 m.mask_format, m.warmup)) for i in range(m.num_actors)]
         infos = [s.handle.info.remote() for s in self.slots]
-        warm = [_warm_up.options(num_cpus=cfg.peaks.num_cpus).remote() for _ in range(cfg.peaks.workers)]
+        self.peak_actors = [ray.remote(_PeakActor).options(num_cpus=cfg.peaks.num_cpus, max_restarts=0).remote(
+            self._finder_ref) for _ in range(cfg.peaks.workers)]
+        self._peak_busy = [False] * len(self.peak_actors)
         try:
-            got = ray.get(infos + [self.writer.ready.remote()] + warm, timeout=cfg.ray.actor_start_timeout_s)
+            got = ray.get(infos + [self.writer.ready.remote()] + [a.ready.remote() for a in self.peak_actors],
+                          timeout=cfg.ray.actor_start_timeout_s)
         except GetTimeoutError as e:
             raise StreamError(f"the model actors did not start within ray.actor_start_timeout_s="
                               f"{cfg.ray.actor_start_timeout_s:g} s; the cluster has {ray.available_resources()} "
@@ -576,11 +581,12 @@ class StreamPipeline:
 
     def _dispatch_peaks(self) -> None:
         p = self.cfg.peaks
-        while self._masks_ready and len(self._peak_refs) < p.workers:
+        while self._masks_ready and not all(self._peak_busy):
+            k = self._peak_busy.index(False)
             b, masks_ref = self._masks_ready.popleft()
-            peaks_ref, info_ref = _peak_task.options(num_cpus=p.num_cpus).remote(
-                b.frames, masks_ref, self.cfg.model.mask_format, self._finder_ref)
-            self._peak_refs[info_ref] = (b, peaks_ref)
+            peaks_ref, info_ref = self.peak_actors[k].peaks.remote(b.frames, masks_ref, self.cfg.model.mask_format)
+            self._peak_busy[k] = True
+            self._peak_refs[info_ref] = (b, peaks_ref, k)
 
     def _probe(self) -> None:
         now = time.perf_counter()
@@ -682,8 +688,9 @@ class StreamPipeline:
             slot.pids.append(slot.pid)
 
     def _on_peaks(self, ref) -> None:
-        b, peaks_ref = self._peak_refs.pop(ref)
-        info = ray.get(ref)  # a failing peak task (bad frame, ...) ends the run with its error
+        b, peaks_ref, k = self._peak_refs.pop(ref)
+        self._peak_busy[k] = False
+        info = ray.get(ref)  # a failing peak call (bad frame, a dead peak actor) ends the run with its error
         self._bytes["peaks"] += info["bytes"]
         self._busy["peaks"] += info["seconds"]
         b.frames = None  # release the frames once nothing needs them
@@ -766,7 +773,7 @@ class StreamPipeline:
             self._fault_hook()
             self._maybe_gap_flush()
             self.stats.depths(frames_in_flight=self._in_flight, pending_batches=len(self._pending),
-                              model_batches=len(self._model_refs), peak_tasks=len(self._peak_refs),
+                              model_batches=len(self._model_refs), peak_calls=len(self._peak_refs),
                               writer_buffer=self._writer_buffered)
             if every and time.perf_counter() - last_report >= every:
                 self.log(self.stats.report_line(self._depths(), self._report_extra()))
@@ -873,9 +880,9 @@ class StreamPipeline:
                 ray.get(self.writer.abort.remote(), timeout=30)
             except Exception:  # noqa: BLE001 - best effort: the writer may be the thing that failed
                 pass
-        for s in self.slots:
+        for h in [s.handle for s in self.slots] + self.peak_actors:
             try:
-                ray.kill(s.handle, no_restart=True)
+                ray.kill(h, no_restart=True)
             except Exception:  # noqa: BLE001
                 pass
         if self.writer is not None:
