@@ -338,21 +338,15 @@ def test_drop_path_rejects_bad_probability():
         DropPath(-0.1)
 
 
-def test_chunked_attention_equals_sdpa():
-    """The bf16 CPU inference path computes the same attention as SDPA (checked in fp32, chunk < N)."""
-    import torch.nn.functional as F
-
-    from vitkit.layers.attention import chunked_attention
-
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 37, 8, generator=g) for _ in range(3))
-    ref = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 37, 24)
-    assert torch.allclose(chunked_attention(q, k, v, chunk=16), ref, atol=1e-6)
-
-
 def test_bf16_inference_path_matches_fp32_within_bf16_precision():
+    """Under autocast, vitkit's inference path is as close to fp32 as autocast's training path (SDPA) is; on a
+    model whose LayerScale is ~1, so the blocks are not muted (the preset's 1e-5 would hide any error in them)."""
     torch.manual_seed(0)
     model = vitkit.create_backbone("dinov2_vits14_reg", embed_dim=64, depth=2, num_heads=4, img_size=56).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(1.0)
     x = torch.randn(2, 3, 56, 84)
     with torch.inference_mode():
         ref = model(x)["x_norm_patchtokens"]
@@ -360,5 +354,6 @@ def test_bf16_inference_path_matches_fp32_within_bf16_precision():
             fast = model(x)["x_norm_patchtokens"].float()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # grad mode: the fused SDPA kernel
         sdpa = model(x)["x_norm_patchtokens"].float().detach()
-    err_fast, err_sdpa = (fast - ref).abs().max().item(), (sdpa - ref).abs().max().item()
-    assert err_fast < 0.1 and err_fast <= 2 * err_sdpa + 1e-3, (err_fast, err_sdpa)
+    scale = ref.abs().max().item()
+    err_fast, err_sdpa = (fast - ref).abs().max().item() / scale, (sdpa - ref).abs().max().item() / scale
+    assert 1e-4 < err_fast < 0.05 and err_fast <= 2 * err_sdpa, (err_fast, err_sdpa)  # bf16: ~1e-2, not 0

@@ -1,43 +1,28 @@
-"""Multi-head self-attention: SDPA for training and accelerators, blocked oneDNN GEMMs for CPU inference."""
+"""Multi-head self-attention; the kernels (SDPA, blocked GEMMs, oneDNN linear) are :mod:`vitkit.kernels`' choice."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vitkit.layers.linear import linear, onednn_applies
+from vitkit.kernels import Linear, attention, linear
 from vitkit.layers.norm import LayerNorm
 from vitkit.layers.rope import apply_rope
 
 
-def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                      chunk: int = 512) -> torch.Tensor:
-    """Softmax attention as two GEMMs per (image, head) over blocks of query rows, for CPU inference.
+class KMaskedLinear(Linear):
+    """The fused qkv projection with the key part of its bias zeroed in the forward pass (DINOv3's
+    ``LinearKMaskedBias``; the mask is a non-persistent buffer, so the state dict is a plain linear's)."""
 
-    Returns tokens-major [B, N, heads * head_dim]. ``attn_mask`` (boolean [B or 1, heads or 1, R, N],
-    True = may attend) restricts the first R query rows, as in :meth:`Attention.forward`.
+    def __init__(self, dim: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(dim, 3 * dim, bias=bias, device=device, dtype=dtype)
+        mask = torch.ones(3 * dim, device=device)
+        mask[dim:2 * dim] = 0
+        self.register_buffer("bias_mask", mask, persistent=False)
 
-    PyTorch's fused CPU attention kernel runs at about 140 GFLOP/s here in both fp32 and bf16, while the
-    GEMMs of :func:`vitkit.layers.linear.linear` reach ~400 (fp32) and ~800 (bf16); the row blocks keep
-    the score matrix small (chunk x N). Scores and softmax stay in the input dtype, as in the fused
-    kernel's inputs; softmax accumulates in fp32 either way.
-    """
-    B, H, N, d = q.shape
-    out = q.new_empty(B, N, H, d)
-    q = q * d ** -0.5
-    k, vt = k.contiguous(), v.transpose(-1, -2).contiguous()  # dense per-head GEMM operands
-    R = 0 if attn_mask is None else attn_mask.shape[-2]
-    blocked = None if attn_mask is None else ~attn_mask
-    rows = [(i, min(i + chunk, R)) for i in range(0, R, chunk)] + [(i, min(i + chunk, N)) for i in range(R, N, chunk)]
-    for b in range(B):
-        for h in range(H):
-            for i, j in rows:
-                scores = linear(q[b, h, i:j], k[b, h])
-                if i < R:
-                    scores.masked_fill_(blocked[b % blocked.shape[0], h % blocked.shape[1], i:j], float("-inf"))
-                out[b, i:j, h] = linear(torch.softmax(scores, dim=-1), vt[b, h])
-    return out.view(B, N, H * d)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias * self.bias_mask.to(self.bias.dtype)
+        return linear(x, self.weight, bias)
 
 
 class Attention(nn.Module):
@@ -50,6 +35,9 @@ class Attention(nn.Module):
             ``LinearKMaskedBias``). The key bias matters once RoPE rotates keys per position.
         proj_bias: bias on the output projection.
         qk_norm: LayerNorm over each head's queries and keys before attention.
+
+    The projections are ``nn.Linear`` modules (:class:`vitkit.kernels.Linear`) called as modules, so their
+    forward hooks fire; the attention kernel is :func:`vitkit.kernels.attention`'s choice.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, mask_k_bias: bool = False,
@@ -61,23 +49,16 @@ class Attention(nn.Module):
         dd = {"device": device, "dtype": dtype}
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
+        self.mask_k_bias = mask_k_bias and qkv_bias
+        self.qkv = KMaskedLinear(dim, qkv_bias, **dd) if self.mask_k_bias else Linear(dim, 3 * dim, qkv_bias, **dd)
         self.q_norm = LayerNorm(self.head_dim, eps=norm_eps, **dd) if qk_norm else nn.Identity()
         self.k_norm = LayerNorm(self.head_dim, eps=norm_eps, **dd) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
-        self.mask_k_bias = mask_k_bias and qkv_bias
-        if self.mask_k_bias:
-            mask = torch.ones(3 * dim, device=device)
-            mask[dim:2 * dim] = 0
-            self.register_buffer("qkv_bias_mask", mask, persistent=False)
+        self.proj = Linear(dim, dim, bias=proj_bias, **dd)
 
     def qkv_heads(self, x: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Project ``x`` [B, N, C] to q, k, v [B, heads, N, head_dim] (norms and RoPE applied)."""
         B, N, C = x.shape
-        bias = self.qkv.bias
-        if self.mask_k_bias:
-            bias = bias * self.qkv_bias_mask.to(bias.dtype)
-        qkv = linear(x, self.qkv.weight, bias)
+        qkv = self.qkv(x)
         q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -92,19 +73,8 @@ class Attention(nn.Module):
                 R < N only the first R tokens' attention is masked (EoMT's query rows) and the other rows
                 run unmasked, so the mask never needs the full N x N.
         """
-        B, N, C = x.shape
         q, k, v = self.qkv_heads(x, rope)
-        if (q.device.type == "cpu" and not q.requires_grad and not torch.compiler.is_compiling()
-                and (q.dtype == torch.bfloat16 or onednn_applies(q, k))):
-            x = chunked_attention(q, k, v, attn_mask)  # CPU inference: 1.5x (fp32) to 2.3x (bf16) faster
-        elif attn_mask is not None and attn_mask.shape[-2] < N:
-            R = attn_mask.shape[-2]
-            head = F.scaled_dot_product_attention(q[:, :, :R], k, v, attn_mask=attn_mask)
-            tail = F.scaled_dot_product_attention(q[:, :, R:], k, v)
-            x = torch.cat([head, tail], dim=2).transpose(1, 2).reshape(B, N, C)
-        else:
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(B, N, C)
-        return linear(x, self.proj.weight, self.proj.bias)
+        return self.proj(attention(q, k, v, attn_mask))
 
     def attention_probs(self, x: torch.Tensor, rope=None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The softmax attention map [B, heads, N, N] (for inspection; not used in forward)."""

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.layers.linear import fusable_activation, linear
+from vitkit.kernels import Linear, fusable_activation, hooked, linear
 
 
 class QuickGELU(nn.Module):
@@ -40,17 +40,15 @@ class Mlp(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias, **dd)
+        self.fc1 = Linear(dim, hidden_dim, bias=bias, **dd)
         self.act = get_act_layer(act)
-        self.fc2 = nn.Linear(hidden_dim, dim, bias=bias, **dd)
+        self.fc2 = Linear(hidden_dim, dim, bias=bias, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = fusable_activation(self.act)
-        if act is None:  # e.g. QuickGELU: not an oneDNN post-op
-            h = self.act(linear(x, self.fc1.weight, self.fc1.bias))
-        else:
-            h = linear(x, self.fc1.weight, self.fc1.bias, act)
-        return linear(h, self.fc2.weight, self.fc2.bias)
+        if act is None or hooked(self.fc1, self.act):  # e.g. QuickGELU; or hooks that must see fc1 and act apart
+            return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(linear(x, self.fc1.weight, self.fc1.bias, act))  # activation fused into fc1's GEMM
 
 
 class SwiGLU(nn.Module):
@@ -64,12 +62,12 @@ class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.w12 = nn.Linear(dim, 2 * hidden_dim, bias=bias, **dd)
-        self.w3 = nn.Linear(hidden_dim, dim, bias=bias, **dd)
+        self.w12 = Linear(dim, 2 * hidden_dim, bias=bias, **dd)
+        self.w3 = Linear(hidden_dim, dim, bias=bias, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = linear(x, self.w12.weight, self.w12.bias).chunk(2, dim=-1)
-        return linear(F.silu(x1) * x2, self.w3.weight, self.w3.bias)
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
 
 
 def swiglu_hidden_dim(dim: int, ratio: float, align: int = 8) -> int:

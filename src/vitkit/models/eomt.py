@@ -23,7 +23,7 @@ from vitkit.backbones.factory import create_backbone, create_dinov2_encoder
 from vitkit.backbones.vit import VisionTransformer
 from vitkit.errors import ConfigError
 from vitkit.layers import LayerNorm2d
-from vitkit.layers.linear import linear, onednn_applies
+from vitkit.kernels import bmm
 
 
 class ScaleBlock(nn.Module):
@@ -42,15 +42,10 @@ class ScaleBlock(nn.Module):
 
 
 def mask_products(mask_embed: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-    """``einsum("bqc,bchw->bqhw")``: each query's mask logit at every pixel.
-
-    For CPU inference it runs as one oneDNN GEMM per image against the pixels-major features (the
-    upscaler's LayerNorm2d leaves them channels-last, so no copy is made).
-    """
-    if not onednn_applies(mask_embed, feats):
-        return torch.einsum("bqc,bchw->bqhw", mask_embed, feats)
-    pixels = feats.flatten(2).transpose(1, 2)  # [B, HW, C]
-    return torch.stack([linear(e, p) for e, p in zip(mask_embed, pixels)]).unflatten(-1, feats.shape[-2:])
+    """``einsum("bqc,bchw->bqhw")``: each query's mask logit at every pixel (:func:`vitkit.kernels.bmm`: in CPU
+    inference possibly one oneDNN GEMM per image against the pixels-major features, which the upscaler's
+    LayerNorm2d leaves channels-last, so no copy is made)."""
+    return bmm(mask_embed, feats.flatten(2)).unflatten(-1, feats.shape[-2:])
 
 
 def num_upscale_blocks(patch_size: int, mask_stride: int | None) -> int:
