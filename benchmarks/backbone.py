@@ -443,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - t_start
 
     gl = print_report(all_rows, impls, args.markdown)
+    common.print_kernels()
     print(f"\ntotal benchmark time {elapsed:.0f} s")
     if args.json:
         doc = {"env": env, "gemm_peak_gflops": peaks, "warmup": warmup, "reps": reps, "cases": infos,

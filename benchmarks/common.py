@@ -68,6 +68,22 @@ def versions() -> dict[str, str]:
     return out
 
 
+def kernel_report() -> dict[str, Any]:
+    """vitkit's kernel dispatcher: its mode and what it measured and chose in this process (vitkit.kernels)."""
+    from vitkit import kernels
+
+    return {"mode": kernels.mode(), "choices": kernels.choices()}
+
+
+def print_kernels() -> None:
+    """One line per shape class the dispatcher measured: the chosen kernel and the candidates' times."""
+    rep = kernel_report()
+    print(f"\nvitkit kernels (mode {rep['mode']}): {len(rep['choices'])} shape classes measured")
+    for c in rep["choices"]:
+        times = ", ".join(f"{n} {'inexact' if ms is None else f'{ms:.3f} ms'}" for n, ms in c["ms"].items())
+        print(f"  {c['op']:<9} {' '.join(c['key'])}: {c['chosen']} ({times})")
+
+
 def environment() -> dict[str, Any]:
     return {
         "command": " ".join(shlex.quote(a) for a in [sys.executable.rsplit("/", 1)[-1], *sys.argv]),
@@ -78,6 +94,8 @@ def environment() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mkldnn_bf16": bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()),
+        "torch_build": {"version": torch.__version__, "cuda": torch.version.cuda,
+                        "mkldnn": torch.backends.mkldnn.is_available(), "mkl": torch.backends.mkl.is_available()},
     }
 
 
@@ -85,7 +103,8 @@ def print_header(env: dict[str, Any]) -> None:
     print(f"command : {env['command']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
     print(f"machine : {env['cpu']}, {env['logical_cpus']} logical CPUs, torch threads {env['torch_threads']}, "
-          f"capability {env['cpu_capability']}, flags {' '.join(env['cpu_flags'])}")
+          f"capability {env['cpu_capability']}, flags {' '.join(env['cpu_flags']) or '-'} (no amx_bf16 unless "
+          "listed), vitkit kernels " + __import__("vitkit.kernels", fromlist=["mode"]).mode())
 
 
 # --------------------------------------------------------------------------------------------- GEMM peak
@@ -298,6 +317,8 @@ def profile_calls(fn: Callable[[], Any], iters: int, attempts: int = 4, max_fore
 def write_json(path: Path, doc: Any) -> None:
     """Write a benchmark's results (non-JSON values as strings) and say where."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(doc, dict):
+        doc.setdefault("kernels", kernel_report())  # what vitkit's dispatcher chose on this machine
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     print(f"wrote {path}")
 

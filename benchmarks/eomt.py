@@ -784,6 +784,7 @@ def main(argv: list[str] | None = None) -> int:
         for g in gl:
             val = f"{100 * g['value']:+.0f}%" if "bare" in g["what"] else f"{g['value']:.2f}"
             print(f"  {g['what']}: {val} (goal {g['goal']}) {'MET' if g['met'] else 'NOT met'}")
+    common.print_kernels()
     print(f"\ntotal benchmark time {elapsed:.0f} s")
     if args.json:
         common.write_json(args.json, doc)
