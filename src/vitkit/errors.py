@@ -34,5 +34,9 @@ class CheckpointMismatchError(CheckpointError):
         self.mismatched = list(mismatched)
 
 
-class WeightsNotFoundError(VitkitError, FileNotFoundError):
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint path does not exist, or a model directory holds no weights file."""
+
+
+class WeightsNotFoundError(CheckpointNotFoundError):
     """Pretrained weights are not in any cache and cannot be downloaded (offline)."""

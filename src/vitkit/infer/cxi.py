@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections.abc import Hashable
 from pathlib import Path
 
 import numpy as np
 
-from vitkit.apps.peaks.io import cxi_peak_rows, cxi_result_group
+from vitkit.apps.peaks.io import cxi_peak_rows, cxi_result_group, temp_path
 from vitkit.errors import InputError
 
 __all__ = ["OrderedCXIWriter"]
@@ -54,7 +53,7 @@ class OrderedCXIWriter:
             raise InputError(f"OrderedCXIWriter: expected max_peaks >= 1, found {max_peaks}.")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.tmp = temp_path(self.path)  # also deletes the temporaries a killed run left next to path
         self.max_peaks = int(max_peaks)
         self.next_index = int(start_index)
         self.flush_every_s = flush_every_s

@@ -4,8 +4,8 @@ part is one small rename table."""
 
 from __future__ import annotations
 
-import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import torch
 
 from vitkit.backbones.config import ViTConfig
 from vitkit.errors import CheckpointError, CheckpointMismatchError, ConfigError
-from vitkit.weights.io import find_weights_file, read_state_dict
+from vitkit.weights.io import find_weights_file, read_json, read_state_dict
 from vitkit.weights.loading import LoadReport, load_weights
 
 # EoMT head keys (vitkit names follow the official repository)
@@ -27,12 +27,20 @@ HEAD_RENAMES = (
     (r"^upscale_block\.block\.(\d+)\.", r"upscale.\1."),
 )
 HEAD_KEYS = r"^(q\.|class_head\.|mask_head\.|upscale\.|attn_mask_probs$)"
-HEAD_DROPS = ((r"^criterion\.", "loss buffers"),
-              (r"pixel_(mean|std)$", "input normalisation: build EoMT with pixel_mean/pixel_std to match it"))
+HEAD_DROPS = ((r"^criterion\.", "loss buffers"),)
+# input normalisation buffers (official tue-mps checkpoints: network.encoder.pixel_mean/pixel_std, [1, C, 1, 1]);
+# not weights: they are checked against, or adopted by, the model's pixel_mean/pixel_std (see _normalisation)
+NORM_KEY = r"(^|\.)pixel_(mean|std)$"
 
 
-def split_eomt_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict, dict, list[tuple[str, str]], str]:
-    """Split into (backbone dict, head dict in vitkit names, dropped, layout name)."""
+def split_eomt_state_dict(sd: dict[str, torch.Tensor]
+                          ) -> tuple[dict, dict, dict[str, tuple[str, torch.Tensor]], list[tuple[str, str]], str]:
+    """Split into (backbone dict, head dict in vitkit names, normalisation, dropped, layout name).
+
+    ``normalisation`` maps ``"pixel_mean"`` / ``"pixel_std"`` to ``(checkpoint key, tensor)``.
+    """
+    norm = {f"pixel_{m.group(2)}": (k, v) for k, v in sd.items() if (m := re.search(NORM_KEY, k))}
+    sd = {k: v for k, v in sd.items() if not re.search(NORM_KEY, k)}
     keys = list(sd)
     if any(k.startswith("network.") for k in keys):  # official Lightning checkpoint
         layout = "official"
@@ -58,7 +66,7 @@ def split_eomt_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict, dict, list
             continue
         new = next((re.sub(p, r, k) for p, r in HEAD_RENAMES if re.search(p, k)), k)
         head[new] = v
-    return backbone, head, dropped, layout
+    return backbone, head, norm, dropped, layout
 
 
 def _backbone_format(backbone: dict[str, torch.Tensor], layout: str) -> str | None:
@@ -69,13 +77,75 @@ def _backbone_format(backbone: dict[str, torch.Tensor], layout: str) -> str | No
     return None  # detect (official DINOv2 backbones are timm, DINOv3 ones HF)
 
 
+def _values(t: torch.Tensor) -> list[float]:
+    return t.detach().float().flatten().tolist()
+
+
+def _show(v: list[float]) -> list[float]:
+    return [round(x, 6) for x in v]
+
+
+def _normalisation(model, norm: dict[str, tuple[str, torch.Tensor]], name: str
+                   ) -> tuple[tuple[list[float], list[float]] | None, list[tuple[str, str]], str | None]:
+    """Decide what the checkpoint's input normalisation means for ``model``, before anything is loaded.
+
+    Returns ``(adopt, dropped, warning)``: the ``(mean, std)`` the model should take over (it was built
+    without normalisation), the buffers left unused with the reason, and a warning to show. Raises
+    :class:`CheckpointMismatchError` when the model normalises with other values for the same channels.
+    """
+    if not norm:
+        return None, [], None
+    if len(norm) == 1 or norm["pixel_mean"][1].numel() != norm["pixel_std"][1].numel():
+        reason = "incomplete input normalisation (pixel_mean and pixel_std of equal length are needed)"
+        return None, [(k, reason) for k, _ in norm.values()], (
+            f"{name} carries an incomplete input normalisation ({', '.join(k for k, _ in norm.values())}); "
+            f"it is not used and the model normalises as it was built ("
+            + (f"pixel_mean={_show(_values(model.pixel_mean))}, pixel_std={_show(_values(model.pixel_std))})"
+               if model.pixel_mean is not None else "not at all)"))
+    mean, std = _values(norm["pixel_mean"][1]), _values(norm["pixel_std"][1])
+    theirs = f"pixel_mean={_show(mean)}, pixel_std={_show(std)}"
+    in_chans = model.encoder.config.in_chans
+    has = model.pixel_mean is not None
+    own = (_values(model.pixel_mean), _values(model.pixel_std)) if has else None
+    if len(mean) != in_chans:  # e.g. ImageNet RGB statistics and a 1-channel detector model: they do not apply
+        reason = f"input normalisation of {len(mean)} channels ({theirs}) does not apply to {in_chans}-channel inputs"
+        dropped = [(k, reason) for k, _ in norm.values()]
+        if has:
+            return None, dropped, None  # the model was given statistics for its own channels on purpose
+        return None, dropped, (
+            f"{name} was trained on inputs normalised with {theirs} ({len(mean)} channels), which does not apply to "
+            f"this {in_chans}-channel model; the model does not normalise its inputs. Build EoMT with pixel_mean=/"
+            f"pixel_std= of your data ({in_chans} values each) if it needs normalising.")
+    if has:
+        if all(abs(a - b) <= 1e-6 for a, b in zip(own[0] + own[1], mean + std)):
+            return None, [], None
+        raise CheckpointMismatchError(
+            f"{name} was trained on inputs normalised with {theirs}, but the model normalises with "
+            f"pixel_mean={_show(own[0])}, pixel_std={_show(own[1])}. Build EoMT with the checkpoint's values (or with "
+            f"pixel_mean=None, pixel_std=None to take them from the checkpoint); to fine-tune on other statistics on "
+            f"purpose, read the state dict (vitkit.weights.read_state_dict), delete its pixel_mean/pixel_std entries "
+            f"and pass the dict to load_weights.")
+    return (mean, std), [], (
+        f"{name} carries input normalisation {theirs}; the model was built without normalisation and now "
+        f"normalises its inputs with these values inside forward (as the checkpoint was trained). Pass them to "
+        f"EoMT(pixel_mean=..., pixel_std=...) to make this explicit.")
+
+
 def load_eomt_weights(model, source: str | Path | dict) -> LoadReport:
-    """Strictly load any EoMT checkpoint (HF, official Lightning, vitkit) into ``model``."""
+    """Strictly load any EoMT checkpoint (HF, official Lightning, vitkit) into ``model``.
+
+    Input normalisation buffers in the checkpoint (official tue-mps checkpoints carry ImageNet
+    ``pixel_mean``/``pixel_std``) are adopted by a model built without normalisation (with a warning and a
+    line in the report), accepted when equal to the model's, and refused with
+    :class:`CheckpointMismatchError` when the model normalises the same channels differently.
+    """
     sd = source if isinstance(source, dict) else read_state_dict(source)[0]
-    backbone, head, dropped, layout = split_eomt_state_dict(sd)
+    name = str(source) if not isinstance(source, dict) else "<state dict>"
+    backbone, head, norm, dropped, layout = split_eomt_state_dict(sd)
+    adopt, norm_dropped, warning = _normalisation(model, norm, name)
     report = load_weights(model.encoder, backbone, format=_backbone_format(backbone, layout))
-    report.source = str(source) if not isinstance(source, dict) else "<state dict>"
-    report.dropped += dropped
+    report.source = name
+    report.dropped += dropped + norm_dropped
     own = {k: v for k, v in model.state_dict().items() if re.match(HEAD_KEYS, k)}
     missing = [k for k in own if k not in head]
     unexpected = [k for k in head if k not in own]
@@ -89,6 +159,14 @@ def load_eomt_weights(model, source: str | Path | dict) -> LoadReport:
             f"load the backbone only: vitkit.load_weights(model.encoder, ...)", missing, unexpected, mismatched)
     model.load_state_dict({**{f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}, **head},
                           strict=True)
+    if adopt is not None:
+        model.set_pixel_normalisation(*adopt)
+        report.adapted.append(f"input normalisation adopted from the checkpoint: pixel_mean={_show(adopt[0])}, "
+                              f"pixel_std={_show(adopt[1])}")
+    elif norm and not norm_dropped:
+        report.adapted.append("input normalisation: the checkpoint's pixel_mean/pixel_std equal the model's")
+    if warning:
+        warnings.warn(warning, UserWarning, stacklevel=3)
     return report
 
 
@@ -137,7 +215,7 @@ def load_eomt_dir(directory: Path, **overrides: Any):
     from vitkit.backbones.vit import VisionTransformer
     from vitkit.models.eomt import EoMT
 
-    doc = json.loads((directory / "config.json").read_text())
+    doc = read_json(directory / "config.json")
     if doc.get("architecture") == "EoMT":
         vit, head = ViTConfig.from_dict(doc["backbone"]), dict(doc["eomt"])
     else:

@@ -34,7 +34,7 @@ import torch
 
 from vitkit.apps.peaks.detector import Detector, DetectorShapeError, load_detector
 from vitkit.apps.peaks.peakfind import LONE_PIXEL_RATIO, PEAK_DTYPE, empty_peaks, measure_components
-from vitkit.errors import CheckpointError, InputError
+from vitkit.errors import CheckpointError, CheckpointNotFoundError, InputError
 
 __all__ = ["PEAK_DTYPE", "PeakFinder", "empty_peaks", "load_model", "read_mask", "bad_region_mask",
            "EventSource", "event_peaks", "event_good", "run_geometry", "MERGE_RADIUS"]
@@ -52,6 +52,7 @@ def load_model(checkpoint: str | Path):
 
     import vitkit
     from vitkit.tasks.train.distributed import is_sharded_checkpoint, load_full_state_dict
+    from vitkit.weights.io import read_checkpoint
 
     path = Path(checkpoint)
     if path.is_dir() and (path / "model" / "config.json").exists():
@@ -61,13 +62,13 @@ def load_model(checkpoint: str | Path):
     if path.is_dir() and not is_sharded_checkpoint(path):
         path = path / "checkpoints" / "last.ckpt"
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {checkpoint}: pass a run directory, a .ckpt file or a "
-                                f"model directory written by vitkit")
+        raise CheckpointNotFoundError(f"no checkpoint at {checkpoint}: pass a run directory, a .ckpt file or a "
+                                      f"model directory written by vitkit")
     if is_sharded_checkpoint(path):  # FSDP: a directory of shards
         ckpt = load_full_state_dict(path)
     else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if MODEL_CONFIG_KEY not in ckpt:
+        ckpt = read_checkpoint(path)[0]
+    if not isinstance(ckpt, dict) or MODEL_CONFIG_KEY not in ckpt:
         raise CheckpointError(f"{path} was not written by `vitkit train` (no {MODEL_CONFIG_KEY})")
     cfg = dict(ckpt[MODEL_CONFIG_KEY])
     cfg["pretrained"] = False  # the checkpoint carries the trained weights

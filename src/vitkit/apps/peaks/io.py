@@ -33,8 +33,9 @@ Writers
     :func:`write_zarr`, :func:`write_cxi`, :func:`write_csv` and :func:`save_overlay_png` are atomic: they
     write into a hidden temporary file or folder next to the target and ``os.replace`` it into place only
     after everything was written, so an interrupted run leaves either the old target or nothing, never a
-    half-written one (temporary files are removed on errors; a killed process may leave a
-    ``.NAME.tmp-*`` entry behind, never the target). Replacing an existing zarr folder takes two renames
+    half-written one (temporary files are removed on errors; a killed process may leave a hidden
+    ``.NAME.tmp-HOST-PID-*`` entry behind, never the target, and the next write of ``NAME`` on that host deletes
+    it once its process is gone: :func:`temp_path`). Replacing an existing zarr folder takes two renames
     (old -> backup, new -> target); the target is missing only between them.
 
 Peak coordinates are ``(y, x)`` in NumPy's pixel-centre convention (the centre of pixel ``[i, j]`` is
@@ -49,7 +50,9 @@ import csv
 import glob as globmod
 import json
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -652,8 +655,41 @@ def read_frames(paths_or_glob, key: str | None = None, label_key: str | bool | N
 
 
 # ------------------------------------------------------------------------------------------------ writers
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "localhost"
+
+
+def _tmp_name(path: Path, kind: str = "tmp") -> Path:
+    return path.with_name(f".{path.name}.{kind}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """A fresh hidden temporary ``.NAME.tmp-HOST-PID-XXXXXXXX`` next to ``path`` (to be renamed onto it), after
+    deleting the temporaries of ``path`` that killed processes left behind.
+
+    Only entries named for ``path`` by a process on this host that no longer runs are deleted (a temporary of
+    another host, e.g. on a shared file system, or of a running process is never touched), so re-running an
+    interrupted command cleans up after the killed run instead of piling up its partial files.
+    """
+    path = Path(path)
+    stale = re.compile(rf"^\.{re.escape(path.name)}\.(tmp|old)-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{{8}}$")
+    if path.parent.is_dir():
+        for e in os.scandir(path.parent):
+            m = stale.match(e.name)
+            if m and m.group("host") == _host() and int(m.group("pid")) != os.getpid() \
+                    and not _running(int(m.group("pid"))):
+                _remove(Path(e.path))
+    return _tmp_name(path)
 
 
 def _remove(p: Path) -> None:
@@ -677,7 +713,7 @@ def _atomic(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it onto ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+    tmp = temp_path(path)
     try:
         yield tmp
         if not is_dir:
@@ -686,7 +722,7 @@ def _atomic(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
         elif not path.exists() and not path.is_symlink():
             os.replace(tmp, path)
         else:  # a folder cannot be renamed over a non-empty one: old -> backup, new -> target, drop backup
-            backup = path.with_name(f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            backup = _tmp_name(path, "old")
             os.replace(path, backup)
             try:
                 os.replace(tmp, path)

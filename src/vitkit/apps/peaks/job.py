@@ -317,7 +317,8 @@ def train(cfg) -> Path:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    """Atomic JSON write."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Atomic JSON write (a hidden temporary renamed onto ``path``, as the CXI/CSV writers do)."""
+    from vitkit.apps.peaks.io import _atomic
+
+    with _atomic(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")

@@ -122,13 +122,15 @@ def load_full_state_dict(path: str | Path) -> dict[str, Any]:
     ``state_dict`` (full tensors) plus the metadata Lightning stored next to the shards."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+    from vitkit.weights.io import read_checkpoint
+
     path = Path(path)
     if not is_sharded_checkpoint(path):
         raise FileNotFoundError(f"{path} is not a sharded checkpoint directory (no .metadata file)")
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(path, Path(tmp) / "full.pt")
-        ckpt = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(Path(tmp) / "full.pt")[0]
     meta = path / "meta.pt"
     if meta.is_file():
-        ckpt.update(torch.load(meta, map_location="cpu", weights_only=True))
+        ckpt.update(read_checkpoint(meta)[0])
     return ckpt
