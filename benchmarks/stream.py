@@ -56,7 +56,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-TRAIN = ["data=synthetic", "trainer.max_steps=16", "module.lr=1e-2", "module.warmup_steps=2", "model.embed_dim=32", "model.depth=2",
+TRAIN = ["data=synthetic", "trainer.max_steps=16", "module.lr=1e-2", "module.warmup_steps=2", "model.embed_dim=32",
+         "model.depth=2",
          "model.num_q=4", "data.num_train=64", "data.num_val=2", "data.num_test=0", "data.frame_shape=[64,64]",
          "trainer.val_check_interval=16", "predict.overlays=0"]
 GOAL_SPEEDUP = 1.8
@@ -204,7 +205,8 @@ def soak(args) -> None:
                      f"{100 * r['producer_blocked_s'] / max(r['producer_s'], 1e-9):.0f} %",
                      f"{r['max_in_flight_seen']}/{r['cap']}", f"{pr['driver']:.0f}",
                      "/".join(f"{m:.0f}" for m in pr["model_actors"] if m is not None),
-                     f"{r['tree_rss_early_mib']:.0f} -> {r['tree_rss_last10_mib']:.0f} (max {r['tree_rss_max_mib']:.0f})",
+                     f"{r['tree_rss_early_mib']:.0f} -> {r['tree_rss_last10_mib']:.0f} "
+                     f"(max {r['tree_rss_max_mib']:.0f})",
                      f"{r['latency_p50_s']:.2f}/{r['latency_p95_s']:.2f}", r["limiting"]["stage"]])
     print(f"\nsoak: {args.soak} events of {args.soak_size[0]}x{args.soak_size[1]} over zmq, 2 actors, batch "
           f"{args.soak_batch}, cap {args.cap * 2}")

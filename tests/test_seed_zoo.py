@@ -333,3 +333,140 @@ def test_advanced_creating_custom_heads(ckpt, images):
     assert out.shape == (2, 10)
     with torch.no_grad():
         assert (out - head(_cls(ckpt["vit_base"][0], images))).abs().max() <= TOL
+
+
+# --------------------------------------------- Supported Models: the registry's default ids, resolved offline
+# Every other test passes model_name=; here each registry key is used as the README writes it,
+# build_model("<model_type>", ...), and its default id (google/vit-base-patch16-224, ...) is resolved through the
+# Hugging Face cache layout where load_pretrained=True looks (HF_HUB_OFFLINE=1, caches in tmp dirs): a tiny random
+# checkpoint of the right architecture sits at $HF_HUB_CACHE/models--<org>--<name>/snapshots/<rev>/, refs/main
+# naming that revision (what `huggingface-cli download` leaves behind).
+_TINY_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
+                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def _tiny_default_models() -> dict[str, torch.nn.Module]:
+    """model_type -> a tiny transformers model of the class its default id holds (randomised, eval)."""
+    T = transformers
+    vit = dict(_TINY_VIT, intermediate_size=64)
+    dino2 = {k: v for k, v in _TINY_VIT.items() if "dropout" not in k}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8, projection_dim=16)
+    models = {
+        "vanilla_vit": T.ViTModel(T.ViTConfig(**vit)),  # with transformers' pooler (dense + tanh)
+        "deit_vit": T.DeiTModel(T.DeiTConfig(**vit)),
+        "dino_vit": T.ViTModel(T.ViTConfig(**vit, layer_norm_eps=1e-6), add_pooling_layer=False),
+        "dino_v2_vit": T.Dinov2Model(T.Dinov2Config(**dino2, mlp_ratio=2)),
+        "dinov2_reg_vit": T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(**dino2, mlp_ratio=2,
+                                                                                num_register_tokens=4)),
+        "dinov3_vit": T.DINOv3ViTModel(T.DINOv3ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                        intermediate_size=64, image_size=32, patch_size=8,
+                                                        num_register_tokens=4)),
+        # openai/clip-vit-base-patch16 is a full CLIPModel (text tower included)
+        "clip_vit": T.CLIPModel(T.CLIPConfig(vision_config=vision, projection_dim=16, text_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=99))),
+        "ijepa_vit": T.IJepaModel(T.IJepaConfig(**vit), add_pooling_layer=False),
+    }
+    return {k: R.randomize_(m, seed=i) for i, (k, m) in enumerate(models.items())}
+
+
+def _expected_embedding(model_type: str, hf: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """What build_model's ``embeddings`` must be, from the transformers model (see ZooModel.forward)."""
+    with torch.no_grad():
+        if model_type == "clip_vit":
+            return hf.vision_model(pixel_values=images).pooler_output  # post_layernorm(CLS)
+        out = hf(pixel_values=images)
+        if model_type == "ijepa_vit":
+            return out.last_hidden_state.mean(dim=1)
+        if model_type in ("vanilla_vit", "deit_vit", "dino_vit"):
+            return out.last_hidden_state[:, 0]  # normed CLS, not the pooler
+        return out.pooler_output  # DINOv2 / DINOv3: the normed CLS token
+
+
+@pytest.fixture(scope="module")
+def default_checkpoints(tmp_path_factory):
+    from vitkit.zoo import MODEL_REGISTRY
+
+    root = tmp_path_factory.mktemp("default_ids")
+    out = {}
+    for model_type, model in _tiny_default_models().items():
+        path = root / model_type
+        model.save_pretrained(path)
+        out[model_type] = (model, path, MODEL_REGISTRY[model_type].model_name)
+    return out
+
+
+def _into_hf_cache(src, repo_id: str, revision: str = "a" * 40) -> None:
+    import shutil
+    from pathlib import Path
+
+    repo = Path(os.environ["HF_HUB_CACHE"]) / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(src, repo / "snapshots" / revision)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+
+
+def test_registry_default_ids_are_the_readmes():
+    from vitkit.zoo import MODEL_REGISTRY
+
+    readme = {"vanilla_vit": "google/vit-base-patch16-224", "deit_vit": "facebook/deit-base-distilled-patch16-224",
+              "dino_vit": "facebook/dino-vitb16", "dino_v2_vit": "facebook/dinov2-base",
+              "dinov2_reg_vit": "facebook/dinov2-with-registers-base",
+              "dinov3_vit": "facebook/dinov3-vitb16-pretrain-lvd1689m", "clip_vit": "openai/clip-vit-base-patch16"}
+    assert {k: MODEL_REGISTRY[k].model_name for k in readme} == readme
+
+
+@pytest.mark.parametrize("model_type", ["vanilla_vit", "deit_vit", "dino_vit", "dino_v2_vit", "dinov2_reg_vit",
+                                        "dinov3_vit", "clip_vit", "ijepa_vit"])
+def test_registry_default_id_resolves_offline(model_type, default_checkpoints, images):
+    """``build_model("<model_type>", head=...)`` without model_name: the default id comes from the HF cache, its
+    weights are loaded (embeddings equal the transformers model's, pooled as documented)."""
+    from vitkit.zoo import build_model
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    hf, path, repo_id = default_checkpoints[model_type]
+    _into_hf_cache(path, repo_id)
+
+    model = build_model(model_type, head=10)
+
+    assert model.backbone.config.extra["weights_source"].startswith("transformers model_type=")
+    out = model(images, output_embeddings=True)
+    assert out["predictions"].shape == (2, 10) and out["embeddings"].shape == (2, 32)
+    assert (out["embeddings"] - _expected_embedding(model_type, hf, images)).abs().max() <= TOL
+
+
+def test_default_id_from_vitkit_home_and_missing_default_id(default_checkpoints, images, isolated_caches):
+    """The other place load_pretrained=True looks, $VITKIT_HOME/hf/<org>/<name>; and a default id cached nowhere
+    is an error naming the id and both places (never random weights)."""
+    import shutil
+
+    from vitkit import WeightsNotFoundError
+    from vitkit.zoo import build_model
+
+    hf, path, repo_id = default_checkpoints["dino_v2_vit"]
+    shutil.copytree(path, isolated_caches / "hf" / repo_id)
+    model = build_model("dino_v2_vit", head=None)
+    assert (model(images) - _expected_embedding("dino_v2_vit", hf, images)).abs().max() <= TOL
+
+    with pytest.raises(WeightsNotFoundError) as info:
+        build_model("vanilla_vit", head=10)
+    msg = str(info.value)
+    assert "google/vit-base-patch16-224" in msg and str(isolated_caches / "hf") in msg
+    assert os.environ["HF_HUB_CACHE"] in msg and "load_pretrained=False" in msg
+
+
+def test_vit_and_deit_embeddings_are_the_normed_cls_not_the_pooler(default_checkpoints, images):
+    """vit_zoo returned transformers' ``pooler_output`` (tanh(dense(CLS))) for ViT/DeiT; vitkit returns the normed
+    CLS token (documented in ZooModel.forward). Shown on the default ids."""
+    from vitkit.zoo import ZooModel, build_model
+
+    for model_type in ("vanilla_vit", "deit_vit"):
+        hf, path, repo_id = default_checkpoints[model_type]
+        _into_hf_cache(path, repo_id)
+        emb = build_model(model_type, head=None)(images, output_embeddings=True)["embeddings"]
+        with torch.no_grad():
+            out = hf(pixel_values=images)
+        assert (emb - out.last_hidden_state[:, 0]).abs().max() <= TOL
+        assert (emb - out.pooler_output).abs().max() > 0.1  # a different vector, not a rounding difference
+    doc = ZooModel.forward.__doc__
+    assert "pooler_output" in doc and "last_hidden_state[:, 0]" in doc and "vit_zoo" in doc

@@ -203,10 +203,9 @@ def _weight_keys(directory: Path, doc: dict[str, Any]) -> set[str]:
     keys: set[str] = set()
     st, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if st.exists():
-        from safetensors import safe_open
+        from vitkit.weights.io import read_safetensors_keys
 
-        with safe_open(str(st), framework="pt") as f:
-            keys = set(f.keys())
+        keys = set(read_safetensors_keys(st))
     elif index.exists():
         keys = set(json.loads(index.read_text())["weight_map"])
     archs = doc.get("architectures") or []
@@ -465,6 +464,13 @@ class ZooModel(nn.Module):
 
         Returns:
             The predictions tensor, or, when a flag is set, a dict with ``predictions`` and the requested keys.
+            ``embeddings`` is the family's pretrained pooling (module docstring): for ViT and DeiT it is the CLS
+            token after the final LayerNorm (transformers' ``last_hidden_state[:, 0]``), **not** transformers'
+            ``pooler_output`` (``tanh(dense(CLS))``) that vit_zoo returned for them: that pooler is not part of
+            the pretrained weights of the registry's checkpoints (``google/vit-base-patch16-224`` and the distilled
+            DeiT ones are classification checkpoints without it, so transformers initialises it at random). For
+            DINO(v2/v3) and CLIP the two agree
+            (``pooler_output`` is the normed CLS token there); I-JEPA has no CLS token (mean of the patch tokens).
         """
         if not isinstance(pixel_values, torch.Tensor):
             raise InputError(f"pixel_values must be a torch.Tensor [B, C, H, W], got {type(pixel_values).__name__}")

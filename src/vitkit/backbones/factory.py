@@ -2,25 +2,58 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 from vitkit.backbones.config import ViTConfig
-from vitkit.backbones.presets import dinov2_name_for, get_preset
+from vitkit.backbones.presets import (
+    dinov2_name_for,
+    get_preset,
+    vit_base_config,
+    vit_giant_config,
+    vit_large_config,
+    vit_small_config,
+)
 from vitkit.backbones.vit import VisionTransformer
-from vitkit.errors import ConfigError
+from vitkit.errors import CheckpointNotFoundError, ConfigError, WeightsNotFoundError
 from vitkit.weights import hub
 from vitkit.weights.hf import hf_to_vit_config
-from vitkit.weights.io import read_state_dict
+from vitkit.weights.io import read_json, read_state_dict
 from vitkit.weights.loading import infer_config, load_weights, read_and_convert
+
+# What a release's own numerics are: pretrained=True keeps the preset's values for them, whichever layout its weights
+# were found in (a transformers snapshot of DINOv2 says "resize position embeddings without Meta's +0.1 offset").
+_RELEASE_NUMERICS = frozenset({"interpolate_offset", "interpolate_antialias"})
 
 
 def _preset_weights(name: str) -> Path:
+    """Where ``pretrained=True`` finds a preset's weights, offline first.
+
+    1. the official file (``p.filename``, e.g. ``dinov2_vits14_reg4_pretrain.pth``) in ``$VITKIT_HOME``, the torch
+       hub checkpoint directory (``$TORCH_HOME/hub/checkpoints``) or the preset's Hugging Face snapshot;
+    2. the same weights in transformers' layout: a snapshot of ``p.hf_id`` (``$VITKIT_HOME/hf/<org>/<name>`` or the
+       HF cache ``$HF_HUB_CACHE/models--<org>--<name>/snapshots/<rev>``, ``refs/main`` preferred);
+    3. online only (``VITKIT_OFFLINE`` / ``HF_HUB_OFFLINE`` unset): a download of the official file.
+    """
     p = get_preset(name)
     if p.filename:
-        return hub.resolve_file(p.filename, p.url, p.hf_id)
+        try:
+            return hub.resolve_file(p.filename, None, p.hf_id)  # local copies of the official file only
+        except WeightsNotFoundError:
+            pass
+        snapshot = hub.hf_snapshot(p.hf_id) if p.hf_id else None
+        if snapshot is not None:
+            return _dir_weights(snapshot)
+        try:
+            return hub.resolve_file(p.filename, p.url, p.hf_id)
+        except WeightsNotFoundError as e:
+            if not p.hf_id:
+                raise
+            raise WeightsNotFoundError(
+                f"{e} The same weights in transformers' layout are used too: a snapshot of {p.hf_id} (config.json + "
+                f"model.safetensors) in the Hugging Face cache {hub.hf_cache_dir()} or in "
+                f"{hub.vitkit_home() / 'hf' / p.hf_id} (`huggingface-cli download {p.hf_id}`).") from e
     if p.hf_id:
         return hub.resolve_hf(p.hf_id)
     raise ConfigError(f"preset {name!r} has no official weights; pass pretrained=<path> or pretrained=False")
@@ -34,8 +67,10 @@ def create_backbone(name: str | None = None, *, pretrained: bool | str | Path = 
     Args:
         name: a registered name (``dinov2_vits14_reg``, ``dinov3_vitl16``, ``clip_vitb16``... see
             ``vitkit info``), or None to build from ``config`` alone.
-        pretrained: False (random init), True (official weights from the cache / download), or a path
-            to a checkpoint of any supported format (Meta, timm, HF directory, vitkit).
+        pretrained: False (random init), True (official weights: the released file in ``$VITKIT_HOME`` or the
+            torch hub checkpoints, else a cached Hugging Face snapshot of the same weights, else a download when
+            online; see ``_preset_weights``), or a path to a checkpoint of any supported format (Meta, timm, HF
+            directory, vitkit).
         img_size: input size (H, W) or an int; position embeddings are resized to it at load time.
         in_chans: input channels; 1 folds RGB patch weights by summing.
         patch_size: resample the patch embedding to another patch size (e.g. 14 -> 16).
@@ -81,7 +116,8 @@ def create_backbone(name: str | None = None, *, pretrained: bool | str | Path = 
     if source is not None:
         if source.is_dir():
             source = _dir_weights(source)
-        load_weights(model, source, keep_config=set(config))  # explicit arguments win over the source's
+        keep = set(config) | (_RELEASE_NUMERICS if pretrained is True else set())
+        load_weights(model, source, keep_config=keep)  # explicit arguments (and the release's numerics) win
     return model
 
 
@@ -93,7 +129,7 @@ def _dir_weights(directory: Path) -> Path:
 
 def _config_from_checkpoint(source: Path) -> dict[str, Any]:
     if source.is_dir() and (source / "config.json").exists():
-        doc = json.loads((source / "config.json").read_text())
+        doc = read_json(source / "config.json")
         if doc.get("model_type") == "vitkit":
             return dict(doc["config"])
         keys = set(read_state_dict(source)[0])
@@ -115,8 +151,8 @@ def from_pretrained(path_or_id: str | Path, **overrides: Any):
         if "/" in str(path_or_id) and not str(path_or_id).startswith((".", "/")):
             path = hub.resolve_hf(str(path_or_id))
         else:
-            raise FileNotFoundError(f"{path_or_id} is neither an existing path nor a Hugging Face model id "
-                                    f"(org/name)")
+            raise CheckpointNotFoundError(f"{path_or_id} is neither an existing path nor a Hugging Face model id "
+                                          f"(org/name); check the path")
     if path.is_file():  # architecture from the file (vitkit metadata, or inferred from the keys)
         cfg = _config_from_checkpoint(path)
         cfg.update(overrides)
@@ -125,9 +161,9 @@ def from_pretrained(path_or_id: str | Path, **overrides: Any):
         return model.eval()
     cfg_file = path / "config.json"
     if not cfg_file.exists():
-        raise FileNotFoundError(f"{path} has no config.json; pass a checkpoint file instead, or use "
-                                f"create_backbone(name, pretrained='{path}/<file>')")
-    doc = json.loads(cfg_file.read_text())
+        raise CheckpointNotFoundError(f"{path} has no config.json; pass a checkpoint file instead, or use "
+                                      f"create_backbone(name, pretrained='{path}/<file>')")
+    doc = read_json(cfg_file)
     if doc.get("model_type") in ("eomt", "eomt_dinov3") or doc.get("architecture") == "EoMT":
         from vitkit.models.eomt import EoMT  # noqa: PLC0415 - optional heavy import
 
@@ -174,7 +210,7 @@ def create_dinov2_encoder(embed_dim: int = 1024, depth: int = 24, num_heads: int
     # a patch size other than 14 resamples the /14 weights at load time (FlexiViT)
     model = VisionTransformer(ViTConfig(**dict(cfg, img_size=img_size, in_chans=in_chans, patch_size=patch_size)))
     if source is True:
-        load_weights(model, _preset_weights(name))
+        load_weights(model, _preset_weights(name), keep_config=_RELEASE_NUMERICS)
     elif source not in (False, None):
         load_weights(model, Path(source))
     return model
@@ -182,6 +218,24 @@ def create_dinov2_encoder(embed_dim: int = 1024, depth: int = 24, num_heads: int
 
 _LEGACY_NAMES = {f"vit_{size}_patch14{reg}_dinov2": f"dinov2_vit{size[0]}14{'_reg' if reg else ''}"
                  for size in ("small", "base", "large", "giant") for reg in ("", "_reg4")}
+
+
+def legacy_dinov2_config(model_name: str) -> tuple[dict[str, Any], str]:
+    """A timm-style DINOv2 name (PeakNet EoMT's old ``encoder_name``) as explicit dimensions.
+
+    Returns ``(config, spelling)``: ``vit_large_patch14_reg4_dinov2`` gives what
+    ``vit_large_config(num_register_tokens=4)`` returns and the string ``"vit_large_config(num_register_tokens=4)"``
+    (the new spelling, for deprecation messages). Unknown names raise :class:`ConfigError` listing the known ones.
+    """
+    if model_name not in _LEGACY_NAMES:
+        raise ConfigError(f"unknown legacy DINOv2 name {model_name!r}; known: {sorted(_LEGACY_NAMES)}. For other "
+                          f"models pass explicit dimensions (patch_size=..., embed_dim=..., depth=..., num_heads=...) "
+                          f"or a registered name (vitkit.list_models())")
+    size = model_name.split("_")[1]
+    registers = 4 if "_reg4_" in model_name else 0
+    helper = {"small": vit_small_config, "base": vit_base_config, "large": vit_large_config,
+              "giant": vit_giant_config}[size]
+    return helper(num_register_tokens=registers), f"{helper.__name__}(num_register_tokens={registers})"
 
 
 def create_dinov2_encoder_legacy(model_name: str = "vit_large_patch14_reg4_dinov2", pretrained: bool = False,

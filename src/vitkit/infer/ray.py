@@ -580,7 +580,6 @@ class StreamPipeline:
             self.stats.depths(batches_per_actor=slot.inflight)
 
     def _dispatch_peaks(self) -> None:
-        p = self.cfg.peaks
         while self._masks_ready and not all(self._peak_busy):
             k = self._peak_busy.index(False)
             b, masks_ref = self._masks_ready.popleft()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vitkit.backbones.factory import create_backbone, create_dinov2_encoder
+from vitkit.backbones.factory import create_backbone, create_dinov2_encoder, legacy_dinov2_config
 from vitkit.backbones.vit import VisionTransformer
 from vitkit.errors import ConfigError
-from vitkit.layers import LayerNorm2d
 from vitkit.kernels import bmm
+from vitkit.layers import LayerNorm2d
 
 
 class ScaleBlock(nn.Module):
@@ -69,6 +70,11 @@ class EoMT(nn.Module):
       mlp_ratio=4.0, num_register_tokens=4, ffn_layer="mlp", img_size=(518, 518), num_classes=150,
       num_q=100, pretrained=True, drop_path_rate=0.0)``.
 
+    Deprecated: PeakNet EoMT's old ``EoMT(encoder_name="vit_large_patch14_reg4_dinov2", ...)`` (timm-style DINOv2
+    names, ``vit_{small,base,large,giant}_patch14[_reg4]_dinov2``) still works with a ``DeprecationWarning`` naming
+    the explicit spelling (``EoMT(**vitkit.vit_large_config(num_register_tokens=4), ...)``); it builds exactly that
+    model. Other keyword arguments (e.g. ``depth=...``) override the name's dimensions.
+
     Args:
         num_classes: classes without the no-object class (the class head has ``num_classes + 1`` outputs).
         num_q: number of learned queries.
@@ -90,6 +96,16 @@ class EoMT(nn.Module):
                  pretrained: bool | str | Path = False, pixel_mean: list[float] | None = None,
                  pixel_std: list[float] | None = None, **backbone_config: Any):
         super().__init__()
+        if "encoder_name" in backbone_config:  # PeakNet EoMT's old spelling: the same model as the explicit one
+            name = backbone_config.pop("encoder_name")
+            if backbone is not None:
+                raise ConfigError(f"encoder_name={name!r} and backbone={backbone!r} both name an encoder; pass one")
+            explicit, spelling = legacy_dinov2_config(name)
+            warnings.warn(
+                f"EoMT(encoder_name={name!r}) is deprecated; spell the encoder out: EoMT(**vitkit.{spelling}, ...), "
+                f"i.e. EoMT({', '.join(f'{k}={v!r}' for k, v in explicit.items())}, ...)",
+                DeprecationWarning, stacklevel=2)
+            backbone_config = {**explicit, **backbone_config}  # keyword arguments override the name's dimensions
         if isinstance(backbone, VisionTransformer):
             if backbone_config:
                 raise ConfigError(f"backbone config {sorted(backbone_config)} given with a backbone module")
@@ -238,10 +254,36 @@ class EoMT(nn.Module):
 
     def load_weights(self, source: str | Path | dict):
         """Strictly load an EoMT checkpoint: HF directory weights, an official tue-mps Lightning
-        ``.ckpt`` (``network.encoder.backbone.*`` timm/HF keys, ``network.q.weight``, ...) or vitkit's."""
+        ``.ckpt`` (``network.encoder.backbone.*`` timm/HF keys, ``network.q.weight``, ...) or vitkit's.
+
+        The checkpoint's input normalisation (official checkpoints: ImageNet ``pixel_mean``/``pixel_std``)
+        is adopted when the model was built without one (a warning and a line in the returned report say
+        so); other values than the model's for the same channels raise ``CheckpointMismatchError``."""
         from vitkit.weights.eomt import load_eomt_weights
 
         return load_eomt_weights(self, source)
+
+    def set_pixel_normalisation(self, pixel_mean: list[float] | None, pixel_std: list[float] | None) -> None:
+        """Normalise inputs as ``(x - pixel_mean) / pixel_std`` per channel inside ``forward`` (None, None:
+        not at all). Recorded in ``init_config``, so :meth:`save_pretrained` keeps it."""
+        if (pixel_mean is None) != (pixel_std is None):
+            raise ConfigError("give both pixel_mean and pixel_std, or neither")
+        for name in ("pixel_mean", "pixel_std"):  # a buffer, or a plain None attribute
+            self._buffers.pop(name, None)
+            self.__dict__.pop(name, None)
+        if pixel_mean is None:
+            self.pixel_mean = self.pixel_std = None
+        else:
+            c = self.encoder.config.in_chans
+            if not len(pixel_mean) == len(pixel_std) == c:
+                raise ConfigError(f"pixel_mean/pixel_std need {c} values for in_chans={c}, got "
+                                  f"{len(pixel_mean)}/{len(pixel_std)}")
+            dev = self.q.weight.device
+            for name, v in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std)):
+                t = torch.tensor([float(x) for x in v], dtype=torch.float32, device=dev).view(1, -1, 1, 1)
+                self.register_buffer(name, t, persistent=False)
+        self.init_config.update(pixel_mean=None if pixel_mean is None else [float(x) for x in pixel_mean],
+                                pixel_std=None if pixel_std is None else [float(x) for x in pixel_std])
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides: Any) -> EoMT:

@@ -62,15 +62,23 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
 
 
 # ------------------------------------------------------------------------------------- backbones
-def _parse_dtype(force_dtype: str | torch.dtype | None) -> torch.dtype | None:
+def _parse_dtype(force_dtype: str | torch.dtype | None, what: str = "force_dtype") -> torch.dtype | None:
     if force_dtype is None or isinstance(force_dtype, torch.dtype):
         if isinstance(force_dtype, torch.dtype) and force_dtype not in _DTYPES.values():
-            raise ConfigError(f"force_dtype {force_dtype} is not a float dtype; expected bf16, fp16 or fp32")
+            raise ConfigError(f"{what} {force_dtype} is not a float dtype; expected bf16, fp16 or fp32")
         return force_dtype
     key = str(force_dtype).lower().removeprefix("torch.")
     if key not in _DTYPES:
-        raise ConfigError(f"unknown force_dtype {force_dtype!r}; expected None, 'bf16', 'fp16' or 'fp32'")
+        extra = ", 'input'" if what == "output_dtype" else ""
+        raise ConfigError(f"unknown {what} {force_dtype!r}; expected None{extra}, 'bf16', 'fp16' or 'fp32'")
     return _DTYPES[key]
+
+
+def _parse_output_dtype(output_dtype: str | torch.dtype | None) -> torch.dtype | str | None:
+    """None (follow ``force_dtype``), ``"input"`` (the input's dtype) or a float dtype."""
+    if isinstance(output_dtype, str) and output_dtype.lower() == "input":
+        return "input"
+    return _parse_dtype(output_dtype, "output_dtype")
 
 
 def _is_checkpoint_ref(s: str | Path) -> bool:
@@ -213,7 +221,7 @@ class _ViTPyramid(nn.Module):
 
     def __init__(self, backbone, pretrained, encoder_type: str, img_size, in_chans: int | None, patch_mode: str,
                  freeze_vit: bool, force_dtype, pad: bool, verbose: bool, size_divisibility: int,
-                 backbone_config: dict[str, Any]):
+                 backbone_config: dict[str, Any], output_dtype=None):
         super().__init__()
         if encoder_type not in ENCODER_TYPES:
             hint = " ('hiera' is SAM2's own trunk: use sam2's configs)" if encoder_type == "hiera" else ""
@@ -223,6 +231,7 @@ class _ViTPyramid(nn.Module):
             raise ConfigError(f"unknown patch_mode {patch_mode!r}; expected 'resample' (patch embedding resampled "
                               f"to {STRIDE}x{STRIDE}) or 'resize' (input resized by patch/{STRIDE})")
         self.force_dtype = _parse_dtype(force_dtype)
+        self.output_dtype = _parse_output_dtype(output_dtype)
         grid = None
         if img_size is not None:
             h, w = (int(img_size), int(img_size)) if isinstance(img_size, int) else (int(v) for v in img_size)
@@ -311,6 +320,17 @@ class _ViTPyramid(nn.Module):
             x = F.pad(x, (0, -(-W // d) * d - W, 0, -(-H // d) * d - H))
         return x
 
+    def result_dtype(self, input_dtype: torch.dtype) -> torch.dtype | None:
+        """The dtype ``forward`` returns its maps in for an input of ``input_dtype`` (None: as computed).
+
+        ``output_dtype`` when given (``"input"``: ``input_dtype``), else ``force_dtype`` (the seed's contract:
+        "force output dtype"), else None: the maps keep the dtype they were computed in (the input's, or an
+        enclosing autocast's).
+        """
+        if self.output_dtype == "input":
+            return input_dtype
+        return self.output_dtype if self.output_dtype is not None else self.force_dtype
+
     # -------------------------------------------------------------------------------------- ViT
     def vit_features(self, x: torch.Tensor) -> torch.Tensor:
         """The ViT's final-norm patch tokens as a map [B, D, H/16, W/16] in ``x``'s dtype."""
@@ -326,7 +346,9 @@ class _ViTPyramid(nn.Module):
             if dtype == torch.float32:  # fp32 ViT even inside an outer autocast region
                 x, ctx = x.float(), torch.autocast(x.device.type, enabled=False)
             elif next(self.vit.parameters()).dtype == dtype:  # frozen ViT, weights cast once
-                x = x.to(dtype)
+                # an enclosing autocast of another dtype (SAM2 training's bf16 AMP) would hand these weights
+                # activations of its own dtype: the ViT runs in force_dtype, outside it
+                x, ctx = x.to(dtype), torch.autocast(x.device.type, enabled=False)
             else:  # trainable ViT: keep fp32 master weights, compute in the low precision
                 ctx = torch.autocast(x.device.type, dtype=dtype)
         grad = contextlib.nullcontext() if not self.freeze_vit else torch.no_grad()
@@ -339,8 +361,9 @@ class _ViTPyramid(nn.Module):
     def _run(self, x: torch.Tensor, head) -> list[torch.Tensor]:
         x = self.check_input(x)
         feats = head(self.vit_features(x))
-        if self.force_dtype is not None:
-            feats = [f.to(x.dtype) for f in feats]
+        out_dtype = self.result_dtype(x.dtype)
+        if out_dtype is not None:
+            feats = [f.to(out_dtype) for f in feats]
         if self.verbose and self._logged_shape != tuple(x.shape):
             self._logged_shape = tuple(x.shape)
             print(f"[vitkit {type(self).__name__}] input {tuple(x.shape)} -> "
@@ -408,7 +431,13 @@ class ViTTrunkMultiScale(_ViTPyramid):
         refine_highres: residual depthwise-separable refinement of F8 and F4.
         freeze_vit: no gradients for the ViT, which also stays in eval mode and runs under ``no_grad``.
         force_dtype: run the ViT in ``"bf16"`` / ``"fp16"`` / ``"fp32"`` (frozen ViT: weights cast once;
-            trainable ViT: autocast, fp32 master weights). Outputs come back in the input dtype.
+            trainable ViT: autocast, fp32 master weights) and, as in the DINO/JEPA SAM2 fork ("force output
+            dtype"), return the four maps in that dtype (unless ``output_dtype`` says otherwise). A SAM2 neck
+            with fp32 weights then has to run under autocast, as SAM2's trainer does with AMP; without autocast
+            pass ``output_dtype="input"``.
+        output_dtype: dtype of the returned maps: None (default) follows ``force_dtype`` (and, without it, the
+            maps keep the dtype they were computed in), ``"input"`` returns them in the input's dtype (low
+            precision inside the ViT only), ``"bf16"`` / ``"fp16"`` / ``"fp32"`` that dtype.
         img_size: the usual input size (a multiple of 32); the position table is stored for its grid.
         in_chans: input channels (1 for detector images: RGB weights folded by summing).
         patch_mode: ``"resample"`` (patch embedding resampled to 16) or ``"resize"`` (input resized by p/16).
@@ -425,11 +454,11 @@ class ViTTrunkMultiScale(_ViTPyramid):
                  refine_highres: bool = True, freeze_vit: bool = False,
                  force_dtype: str | torch.dtype | None = None, img_size: int | Sequence[int] | None = None,
                  in_chans: int | None = None, patch_mode: str = "resample", pad: bool = False,
-                 verbose: bool = False, **backbone_config: Any):
+                 verbose: bool = False, output_dtype: str | torch.dtype | None = None, **backbone_config: Any):
         _check_mode(upsample_mode)
         dims = self._parse_out_dims(out_dims)
         super().__init__(backbone, pretrained, encoder_type, img_size, in_chans, patch_mode, freeze_vit,
-                         force_dtype, pad, verbose, 32, backbone_config)
+                         force_dtype, pad, verbose, 32, backbone_config, output_dtype)
         D = self.embed_dim
         c32, c16, c8, c4 = dims if dims is not None else [D] * 4
         self.channel_list = [c32, c16, c8, c4]  # SAM2: lowest resolution first, like Hiera
@@ -478,7 +507,7 @@ class ViTTrunkMultiScale(_ViTPyramid):
     def extra_repr(self) -> str:
         return (f"encoder_type={self.encoder_type!r}, channel_list={self.channel_list}, "
                 f"upsample_mode={self.upsample_mode!r}, freeze_vit={self.freeze_vit}, "
-                f"force_dtype={self.force_dtype}, patch_mode={self.patch_mode!r}")
+                f"force_dtype={self.force_dtype}, output_dtype={self.output_dtype}, patch_mode={self.patch_mode!r}")
 
 
 # ------------------------------------------------------------------------------- ViTDet pyramid
@@ -494,8 +523,9 @@ class SimpleFeaturePyramid(_ViTPyramid):
     ``norm=None`` the convs carry biases instead).
 
     Args:
-        backbone, pretrained, encoder_type, freeze_vit, force_dtype, img_size, in_chans, patch_mode, pad,
-            verbose, **backbone_config: as :class:`ViTTrunkMultiScale`.
+        backbone, pretrained, encoder_type, freeze_vit, force_dtype, output_dtype, img_size, in_chans,
+            patch_mode, pad, verbose, **backbone_config: as :class:`ViTTrunkMultiScale` (outputs in
+            ``force_dtype`` unless ``output_dtype`` says otherwise).
         out_channels: channels of every level.
         scale_factors: a contiguous run of ``(4.0, 2.0, 1.0, 0.5)`` (each level 2x the next).
         norm: ``"LN"`` or None.
@@ -511,7 +541,7 @@ class SimpleFeaturePyramid(_ViTPyramid):
                  upsample_mode: str = "deconv", freeze_vit: bool = False,
                  force_dtype: str | torch.dtype | None = None, img_size: int | Sequence[int] | None = None,
                  in_chans: int | None = None, patch_mode: str = "resample", pad: bool = False,
-                 verbose: bool = False, **backbone_config: Any):
+                 verbose: bool = False, output_dtype: str | torch.dtype | None = None, **backbone_config: Any):
         _check_mode(upsample_mode)
         scales = sorted({float(s) for s in scale_factors}, reverse=True)
         if (not scales or any(s not in _SCALES for s in scales) or len(scales) != len(list(scale_factors))
@@ -524,7 +554,7 @@ class SimpleFeaturePyramid(_ViTPyramid):
             raise ConfigError(f"out_channels must be positive, got {out_channels}")
         div = int(STRIDE / min(scales)) if min(scales) < 1 else STRIDE
         super().__init__(backbone, pretrained, encoder_type, img_size, in_chans, patch_mode, freeze_vit,
-                         force_dtype, pad, verbose, div, backbone_config)
+                         force_dtype, pad, verbose, div, backbone_config, output_dtype)
         D, C = self.embed_dim, int(out_channels)
         self.scale_factors = scales
         self.strides = [int(STRIDE / s) for s in scales]
