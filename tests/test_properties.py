@@ -11,9 +11,10 @@ documented vitkit error (``vitkit.errors.VitkitError`` and subclasses); no other
 where the documentation says which error an input gets (``InputError`` for a non-float batch, a wrong channel
 count, a size the patch size does not divide without ``dynamic_pad``...), the test predicts it.
 
-Inputs that hit a known defect in code this file's author does not own are left out of the drawn domains; each
-is pinned by a strict ``xfail`` test at the end (it turns into a failure once fixed: then delete the ``xfail`` and
-widen the domain).
+Inputs that once hit a known defect (empty batches, 0-pixel images and panels, bad ``n``, zero events, NaN pixels
+in the peak finder, zarr chunks left to the fill value) are drawn like any other; the tests at the end pin the
+fixed behaviour (issue 15). A new known defect may be pinned there by a strict ``xfail``, its inputs left out of
+the domain until it is fixed.
 
 Budget: tiny models built once per module (embed_dim 32, depth <= 2, patch 8, images <= 48 px), 200 examples per
 entry point, ``derandomize=True`` (the same examples on every run, so CI is reproducible) and no example database.
@@ -128,6 +129,8 @@ def _expected_input_error(model, x: torch.Tensor) -> str | None:
         return "4-D image batch"
     if not x.is_floating_point():
         return "floating-point image batch"
+    if 0 in x.shape[2:]:
+        return "has no pixels"
     if x.shape[1] != c.in_chans:
         return f"in_chans={c.in_chans}"
     if (x.shape[2] % c.patch_size or x.shape[3] % c.patch_size) and not c.dynamic_pad:
@@ -151,13 +154,6 @@ def _other_samples_finite(ts, x, special) -> None:
 
 
 # ------------------------------------------------------------------------------ backbone.forward_features
-def _domain_ok(x: torch.Tensor) -> bool:
-    """Known defects left out of the drawn inputs (each pinned below): zero-size images (RuntimeError from the patch
-    conv, test_known_defect_zero_size_image) and empty batches (RuntimeError in vitkit.kernels' first-call check,
-    test_known_defect_kernels_empty_batch)."""
-    return not (x.ndim == 4 and 0 in x.shape)
-
-
 @PROPS
 @given(name=st.sampled_from(["dinov2_mono_pad", "dinov3_rope", "ijepa_no_cls", "deit_dist", "dinov2_bf16"]),
        batch=image_batches())
@@ -165,8 +161,6 @@ def _domain_ok(x: torch.Tensor) -> bool:
 @example(name="dinov3_rope", batch=(torch.randn(2, 3, 9, 17), {"special": None}))  # not divisible, no dynamic_pad
 def test_forward_features(backbones, name, batch):
     bb, (x, info) = backbones[name], batch
-    if not _domain_ok(x):
-        return
     want_error = _expected_input_error(bb, x)
     try:
         with torch.no_grad():
@@ -194,7 +188,7 @@ def test_forward_features(backbones, name, batch):
 
 
 # ----------------------------------------------------------------------- backbone.get_intermediate_layers
-layer_selections = st.one_of(st.integers(-1, 4), st.lists(st.integers(-3, 3), min_size=1, max_size=3))
+layer_selections = st.one_of(st.integers(-1, 4), st.lists(st.integers(-3, 3), min_size=0, max_size=3))
 
 
 @PROPS
@@ -207,27 +201,22 @@ layer_selections = st.one_of(st.integers(-1, 4), st.lists(st.integers(-3, 3), mi
          norm=True, extra=False)
 def test_get_intermediate_layers(backbones, name, batch, n, reshape, cls, norm, extra):
     bb, (x, info) = backbones[name], batch
-    # (empty batches with reshape=True: also test_known_defect_intermediate_layers_empty_batch)
-    if not _domain_ok(x):
-        return
     depth = len(bb.blocks)
     if isinstance(n, int):
         bad_n, indices = not 1 <= n <= depth, list(range(depth - n, depth))
     else:
-        bad_n, indices = any(not -depth <= i < depth for i in n), sorted({i % depth for i in n})
+        bad_n, indices = not n or any(not -depth <= i < depth for i in n), sorted({i % depth for i in n})
     try:
         with torch.no_grad():
             out = bb.get_intermediate_layers(x, n=n, reshape=reshape, return_class_token=cls, norm=norm,
                                              return_extra_tokens=extra)
     except VitkitError as e:
-        assert isinstance(e, InputError) and not bad_n
+        assert isinstance(e, InputError)
+        if bad_n:  # documented: n is checked first
+            assert str(e).startswith(("n=", "block indices")), e
+            return
         assert ("no CLS token" in str(e)) if (cls and bb.cls_token is None) else \
             (_expected_input_error(bb, x) or "?") in str(e)
-        return
-    except ValueError as e:
-        # an out-of-range n is a plain ValueError today (Meta's code asserts); reported, pinned by
-        # test_known_defect_intermediate_layers_bad_n_is_not_a_vitkit_error
-        assert bad_n and type(e) is ValueError and str(e).startswith(("n=", "block indices")), e
         return
     assert not bad_n and not (cls and bb.cls_token is None) and _expected_input_error(bb, x) is None
     B, D, R = x.shape[0], bb.embed_dim, bb.num_register_tokens
@@ -261,9 +250,6 @@ def test_get_intermediate_layers(backbones, name, batch, n, reshape, cls, norm, 
 @example(name="dinov2_mono_stride4", batch=(torch.randn(2, 1, 9, 17), {"special": float("nan")}), train=True)
 def test_eomt_forward(eomts, name, batch, train):
     model, (x, info) = eomts[name], batch
-    # (empty batches: also test_known_defect_eomt_empty_batch)
-    if not _domain_ok(x):
-        return
     want_error = _expected_input_error(model.encoder, x)
     model.train(train)
     try:
@@ -312,8 +298,8 @@ def _frames(rng: np.random.Generator, shape, dtype, spots: int) -> np.ndarray:
 @st.composite
 def events(draw):
     ndim = draw(st.sampled_from([2, 3, 3, 4, 4, 1, 5]))
-    n, p = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    h, w = draw(st.integers(1, 20)), draw(st.integers(1, 20))
+    n, p = draw(st.integers(0, 2)), draw(st.integers(1, 2))
+    h, w = draw(st.one_of(st.just(0), st.integers(1, 20))), draw(st.one_of(st.just(0), st.integers(1, 20)))
     shape = {1: (w,), 2: (h, w), 3: (n, h, w), 4: (n, p, h, w), 5: (1, n, p, h, w)}[ndim]
     dtype = draw(st.sampled_from(NP_DTYPES))
     rng = np.random.default_rng(draw(st.integers(0, 2 ** 16)))
@@ -346,20 +332,22 @@ def finders(peak_model):
 def test_peak_finder(finders, data, thr):
     from vitkit.apps.peaks.peakfind import PEAK_DTYPE
 
-    finder, (ev, good, special) = finders[thr], data
+    finder, (ev, good, _special) = finders[thr], data  # NaN/inf pixels: checked below for every draw
     try:
         masks, tables = finder.find(ev, good=good)
     except VitkitError as e:
         assert isinstance(e, InputError)
-        assert ev.ndim in (1, 5) or (good is not None and "mask has shape" in str(e)), e
+        assert ev.ndim in (1, 5) or 0 in ev.shape[-2:] or (good is not None and "mask has shape" in str(e)), e
         return
-    assert ev.ndim in (2, 3, 4) and not (good is not None and good.shape[-2:] != ev.shape[-2:])
+    assert ev.ndim in (2, 3, 4) and 0 not in ev.shape[-2:]
+    assert not (good is not None and good.shape[-2:] != ev.shape[-2:])
     shape4 = {2: (1, 1, *ev.shape), 3: (ev.shape[0], 1, *ev.shape[1:]), 4: ev.shape}[ev.ndim]
     N, Pn, H, W = shape4
     assert masks.shape == shape4 and masks.dtype == bool and len(tables) == N
     if good is not None:
         assert not (masks & ~good[None]).any()  # a bad pixel is never part of a peak
     raw = ev.reshape(shape4).astype(np.float64)
+    assert not (masks & ~np.isfinite(raw)).any()  # documented: a NaN/inf pixel is a bad pixel of its event
     for i, t in enumerate(tables):
         assert t.dtype == PEAK_DTYPE and len(t) <= finder.max_peaks
         assert ((t["panel"] >= 0) & (t["panel"] < Pn)).all()
@@ -367,12 +355,13 @@ def test_peak_finder(finders, data, thr):
         assert (t["slab_fs"] == t["fs"]).all() and (t["slab_ss"] == t["ss"]).all()  # no detector: slab = panel
         assert np.isnan(t["x_lab"]).all() and np.isnan(t["y_lab"]).all()
         assert (t["npix"] >= finder.min_pixels).all() and t["npix"].sum() <= masks[i].sum()
-        if special is None:
-            assert np.isfinite(t["intensity"]).all() and np.isfinite(t["max_value"]).all()
-            for k in range(Pn):  # peaks of a panel integrate at most its peak pixels
-                sel = t["panel"] == k
-                assert t["intensity"][sel].sum() <= raw[i, k][masks[i, k]].clip(0).sum() + 1e-6 * (1 + abs(
-                    raw[i, k]).sum())
+        # NaN/inf pixels are bad pixels: never in a peak, so the sums stay finite
+        assert np.isfinite(t["intensity"]).all() and np.isfinite(t["max_value"]).all()
+        for k in range(Pn):  # peaks of a panel integrate at most its peak pixels
+            sel = t["panel"] == k
+            fin = np.isfinite(raw[i, k])
+            assert t["intensity"][sel].sum() <= raw[i, k][masks[i, k]].clip(0).sum() + 1e-6 * (1 + abs(
+                raw[i, k][fin]).sum())
         if good is not None and len(t):  # documented: a peak whose centroid is on a bad pixel is dropped
             g = np.broadcast_to(good, (Pn, H, W))
             assert g[t["panel"], np.rint(t["ss"]).astype(int), np.rint(t["fs"]).astype(int)].all()
@@ -450,10 +439,8 @@ def _write(fmt: str, directory, a: np.ndarray) -> str:
     else:
         g = zarr.open_group(path, mode="w", zarr_format=2)
         chunks = (1, *a.shape[1:]) if a.ndim >= 3 else a.shape
-        # every chunk written: zarr skips chunks equal to the fill value by default, which vitkit then reads as a
-        # truncated store (known defect: test_known_defect_zarr_fill_value_chunks_read_as_truncated)
-        g.create_array("images", shape=a.shape, dtype=a.dtype, chunks=tuple(max(1, c) for c in chunks),
-                       config={"write_empty_chunks": True})[...] = a
+        # zarr's default writer: chunks equal to the fill value (all-zero/False frames) are not stored
+        g.create_array("images", shape=a.shape, dtype=a.dtype, chunks=tuple(max(1, c) for c in chunks))[...] = a
     return path
 
 
@@ -499,116 +486,122 @@ def test_open_frames(frames_dir, fmt, ndim, n, h, w, dtype, special, check_finit
             assert src[:].shape == frames.shape
 
 
-# ------------------------------------------------------------------ known defects (files this author doesn't own)
-# Each is reported; strict xfail: when the defect is fixed the test passes, pytest reports XPASS(strict) as a
-# failure, and the xfail (and the matching exclusion in the properties above) should be removed.
+# ------------------------------------------------------------------ formerly known defects (issue 15), now fixed
+# Each was a strict xfail; the fixed behaviour is now asserted, and the properties above draw these inputs.
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="vitkit/kernels/__init__.py _close: the first call of "
-                   "a new shape compares candidates with ref.abs().max(), which fails on an empty batch (a regression: "
-                   "forward_features on an empty batch worked before the kernel dispatcher)")
-def test_known_defect_kernels_empty_batch(backbones):
+def test_kernels_empty_batch(backbones):
+    """Formerly a known defect: vitkit.kernels' first-call comparison failed on an empty batch."""
     with torch.no_grad():  # inference: where vitkit.kernels may pick another kernel
         out = backbones["dinov3_rope"].forward_features(torch.randn(0, 3, 16, 16))
     assert out["x_norm_patchtokens"].shape == (0, 4, 32)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="vitkit/backbones/vit.py: get_intermediate_layers("
-                   "reshape=True) reshapes with -1, ambiguous for an empty batch")
-def test_known_defect_intermediate_layers_empty_batch(backbones):
+def test_intermediate_layers_empty_batch(backbones):
+    """Formerly a known defect: reshape=True reshaped with -1, ambiguous for an empty batch."""
     # with autograd on (trainable weights), vitkit.kernels keeps stock PyTorch: this is get_intermediate_layers' own
     out = backbones["dinov3_rope"].get_intermediate_layers(torch.randn(0, 3, 16, 16), n=1, reshape=True)
     assert out[0].shape == (0, 32, 2, 2)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="vitkit/backbones/vit.py: check_input lets a 0-pixel "
-                   "image through; the patch conv raises RuntimeError (expected InputError)")
-def test_known_defect_zero_size_image(backbones):
-    with pytest.raises(InputError):
-        backbones["dinov2_mono_pad"].forward_features(torch.randn(1, 1, 0, 5))
+@pytest.mark.parametrize("shape", [(1, 1, 0, 5), (2, 1, 5, 0), (0, 1, 0, 0)])
+def test_zero_size_image_is_an_input_error(backbones, shape):
+    with pytest.raises(InputError, match="has no pixels"):
+        backbones["dinov2_mono_pad"].forward_features(torch.randn(shape))
 
 
-@pytest.mark.xfail(strict=True, reason="vitkit/backbones/vit.py: get_intermediate_layers raises plain ValueError "
-                   "for an out-of-range n (and max() of an empty list for n=[]); expected a documented InputError")
-@pytest.mark.parametrize("n", [0, 3, [5], []])
-def test_known_defect_intermediate_layers_bad_n_is_not_a_vitkit_error(backbones, n):
-    with pytest.raises(VitkitError):
+def test_one_pixel_image_error_suggests_no_empty_crop(backbones):
+    with pytest.raises(InputError, match="not divisible") as e:
+        backbones["dinov3_rope"].forward_features(torch.randn(1, 3, 1, 1))
+    assert "crop" not in str(e.value) and "pad to 8x8" in str(e.value)
+
+
+@pytest.mark.parametrize("n", [0, 3, [5], [-3], []])
+def test_intermediate_layers_bad_n_is_an_input_error(backbones, n):
+    with pytest.raises(InputError, match="n=|block indices"):
         backbones["dinov3_rope"].get_intermediate_layers(torch.randn(1, 3, 16, 16), n=n)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="vitkit/models/eomt.py EoMT.predict: reshape(B, -1, "
-                   "*grid) is ambiguous for an empty batch")
-def test_known_defect_eomt_empty_batch(eomts):
-    masks, classes = eomts["dinov3_rgb_norm"](torch.randn(0, 3, 32, 32))
+@pytest.mark.parametrize("train", [False, True])
+def test_eomt_empty_batch(eomts, train):
+    """Formerly a known defect: EoMT.predict reshaped with -1 (ambiguous for B=0), and the kernel candidates
+    could not stack an empty batch."""
+    model = eomts["dinov3_rgb_norm"].train(train)
+    try:
+        with torch.no_grad():
+            masks, classes = model(torch.randn(0, 3, 32, 32))
+    finally:
+        model.eval()
     assert masks[-1].shape == (0, 4, 8, 8) and classes[-1].shape == (0, 4, 4)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="vitkit/apps/peaks/finder.py PeakFinder._good: np.stack of "
-                   "zero events ('need at least one array to stack')")
-def test_known_defect_peak_finder_no_events(finders):
+def test_peak_finder_no_events(finders):
+    """Formerly a known defect (np.stack of zero events): no events give empty masks and no tables."""
     masks, tables = finders[0.6].find(np.zeros((0, 8, 8), np.float32))
-    assert masks.shape == (0, 1, 8, 8) and tables == []
+    assert masks.shape == (0, 1, 8, 8) and masks.dtype == bool and tables == []
+    masks, tables = finders[0.9].find(np.zeros((0, 2, 8, 8), np.float32), good=np.ones((2, 8, 8), bool))
+    assert masks.shape == (0, 2, 8, 8) and tables == []
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="vitkit/apps/peaks/finder.py: a 0-pixel panel reaches "
-                   "robust_normalise's reshape(-1, 0) (RuntimeError); expected a documented error or empty masks")
-def test_known_defect_peak_finder_zero_size_panel(finders):
-    try:
-        finders[0.6].find(np.zeros((1, 0, 5), np.float32))
-    except VitkitError:
-        pass
+@pytest.mark.parametrize("shape", [(1, 0, 5), (0, 5), (2, 1, 4, 0), (0, 0, 0)])
+def test_peak_finder_zero_size_panel_is_an_input_error(finders, shape):
+    with pytest.raises(InputError, match="without pixels"):
+        finders[0.6].find(np.zeros(shape, np.float32))
 
 
-@pytest.mark.xfail(strict=True, reason="vitkit/apps/peaks/finder.py: one NaN pixel makes the whole panel NaN inside "
-                   "the model, and its peaks vanish silently (no error, empty table)")
-def test_known_defect_peak_finder_nan_pixel_loses_the_panel(peak_model):
+@pytest.mark.parametrize("special", [float("nan"), float("inf")])
+def test_peak_finder_nan_pixel_is_a_bad_pixel(peak_model, special):
+    """Formerly a known defect (one NaN pixel emptied the panel): a non-finite pixel is a bad pixel of its event."""
     from vitkit.apps.peaks.finder import PeakFinder
 
     finder = PeakFinder(peak_model, threshold=0.0, hysteresis=None, min_pixels=1, lone_pixel_ratio=None)
     frame = np.random.default_rng(0).normal(100, 5, size=(16, 16)).astype(np.float32)
-    assert len(finder(frame)[0]) >= 1  # a finite frame: every pixel is a peak pixel at threshold 0
-    frame[3, 3] = np.nan
-    try:
-        tables = finder(frame)
-    except VitkitError:
-        return  # a documented error (e.g. NaNFrameError naming the pixel) would be fine
-    assert len(tables[0]) >= 1
+    masks, tables = finder.find(frame)
+    assert len(tables[0]) >= 1  # a finite frame: every pixel is a peak pixel at threshold 0
+    frame[3, 3] = special
+    nan_masks, nan_tables = finder.find(frame)
+    assert len(nan_tables[0]) >= 1 and not nan_masks[0, 0, 3, 3]
+    assert np.isfinite(nan_tables[0]["intensity"]).all() and np.isfinite(nan_tables[0]["ss"]).all()
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason="vitkit/apps/peaks/finder.py: a model without a peak class "
-                   "(num_classes=1) fails at find() with IndexError; expected a ConfigError when the finder is built")
-def test_known_defect_peak_finder_one_class_model():
+def test_peak_finder_one_class_model_is_a_config_error(peak_model):
     from vitkit.apps.peaks.finder import PeakFinder
+    from vitkit.errors import ConfigError
 
     model = vitkit.EoMT("dinov2_vits14_reg", embed_dim=32, depth=1, num_heads=4, patch_size=P, img_size=(16, 16),
                         in_chans=1, num_classes=1, num_q=4, num_blocks=1, mask_stride=1)
-    try:
-        PeakFinder(model).find(np.zeros((8, 8), np.float32))
-    except VitkitError:
-        pass
+    with pytest.raises(ConfigError, match="num_classes=1"):
+        PeakFinder(model)
+    with pytest.raises(ConfigError, match="num_classes=1"):
+        PeakFinder(peak_model).with_model(model)
 
 
-@pytest.mark.xfail(strict=True, reason="vitkit/apps/peaks/io.py ZarrSource: chunks equal to the fill value are not "
-                   "stored by zarr's default writer (write_empty_chunks=False), and the truncation check counts them "
-                   "as missing: a valid store with an all-zero frame raises CorruptFileError")
-def test_known_defect_zarr_fill_value_chunks_read_as_truncated(tmp_path):
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_zarr_fill_value_chunks_are_not_truncation(tmp_path, zarr_format):
+    """Formerly a known defect: chunks zarr skipped as equal to the fill value were counted as missing."""
     import zarr
 
-    from vitkit.apps.peaks.io import open_frames
+    from vitkit.apps.peaks.io import CorruptFileError, open_frames
 
-    g = zarr.open_group(str(tmp_path / "dark.zarr"), mode="w", zarr_format=2)
-    g.create_array("images", shape=(2, 4, 4), dtype="float32", chunks=(1, 4, 4))[...] = np.zeros((2, 4, 4))
+    g = zarr.open_group(str(tmp_path / "dark.zarr"), mode="w", zarr_format=zarr_format)
+    a = np.zeros((3, 4, 4), np.float32)
+    a[1] = 5
+    g.create_array("images", shape=a.shape, dtype="float32", chunks=(1, 4, 4))[...] = a
     with open_frames(str(tmp_path / "dark.zarr")) as src:
-        assert (src[:] == 0).all()
+        np.testing.assert_array_equal(src[:], a)
+    if zarr_format == 2:  # no fill value: a missing chunk has no defined content, so it is a truncation
+        g = zarr.open_group(str(tmp_path / "nofill.zarr"), mode="w", zarr_format=2)
+        g.create_array("images", shape=a.shape, dtype="float32", chunks=(1, 4, 4), fill_value=None)[...] = a
+        os.remove(tmp_path / "nofill.zarr" / "images" / "1.0.0")
+        with pytest.raises(CorruptFileError, match="truncated"):
+            open_frames(str(tmp_path / "nofill.zarr"))
 
 
-@pytest.mark.xfail(strict=True, reason="vitkit/apps/peaks/io.py FrameSource.__getitem__: complex frames are cast to "
-                   "float32, dropping the imaginary part with only a numpy ComplexWarning; expected "
-                   "UnsupportedFormatError (readers document real dtypes)")
-def test_known_defect_complex_frames_are_silently_truncated(tmp_path):
+def test_complex_frames_are_an_input_error(tmp_path):
+    """Formerly a known defect: complex frames were cast to float32, silently dropping the imaginary part."""
     from vitkit.apps.peaks.io import open_frames
 
     np.save(tmp_path / "c.npy", np.full((1, 2, 2), 1 + 1j, np.complex64))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(VitkitError):
+        with pytest.raises(InputError, match=r"c\.npy.*complex64"):
             open_frames(str(tmp_path / "c.npy"))[0]

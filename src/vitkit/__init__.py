@@ -18,6 +18,7 @@ from vitkit.backbones.presets import vit_base_config, vit_giant_config, vit_larg
 from vitkit.errors import (
     CheckpointError,
     CheckpointMismatchError,
+    CheckpointNotFoundError,
     ConfigError,
     InputError,
     VitkitError,
@@ -62,6 +63,7 @@ __all__ = [
     "PRESETS",
     "CheckpointError",
     "CheckpointMismatchError",
+    "CheckpointNotFoundError",
     "ConfigError",
     "EoMT",
     "InputError",

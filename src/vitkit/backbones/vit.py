@@ -112,6 +112,9 @@ class VisionTransformer(nn.Module):
             raise InputError(f"expected a floating-point image batch, got dtype {x.dtype}; convert with "
                              f"x.float() and normalise (e.g. per-frame mean/std) before the model")
         C, H, W = x.shape[1:]
+        if H == 0 or W == 0:
+            raise InputError(f"image size {H}x{W} has no pixels (input shape {tuple(x.shape)}); every image "
+                             f"needs at least one pixel in each direction")
         if C != self.config.in_chans:
             raise InputError(f"model expects in_chans={self.config.in_chans} channels, got {C} "
                              f"(input shape {tuple(x.shape)}); build it with in_chans={C}"
@@ -120,8 +123,9 @@ class VisionTransformer(nn.Module):
         if (H % p or W % p) and not self.config.dynamic_pad:
             lo = (H // p * p, W // p * p)
             hi = (-(-H // p) * p, -(-W // p) * p)
-            raise InputError(f"image size {H}x{W} is not divisible by the patch size {p}; crop to "
-                             f"{lo[0]}x{lo[1]}, pad to {hi[0]}x{hi[1]}, or build the model with dynamic_pad=True")
+            crop = f"crop to {lo[0]}x{lo[1]}, " if lo[0] and lo[1] else ""  # no crop hint below one patch
+            raise InputError(f"image size {H}x{W} is not divisible by the patch size {p}; {crop}pad to "
+                             f"{hi[0]}x{hi[1]}, or build the model with dynamic_pad=True")
         return -(-H // p), -(-W // p)
 
     # -------------------------------------------------------------------------------------- embedding
@@ -264,16 +268,26 @@ class VisionTransformer(nn.Module):
         Returns:
             A tuple with one entry per selected layer: the patch tokens, or a tuple
             ``(patch_tokens, cls_token[, register_tokens])``.
+
+        Raises:
+            InputError: ``n`` is an int outside ``1..depth``, an empty sequence, or holds a block index
+                outside ``-depth..depth-1``; ``return_class_token=True`` on a model without a CLS token;
+                or ``x`` fails :meth:`check_input`.
         """
         depth = len(self.blocks)
         if isinstance(n, int):
             if not 1 <= n <= depth:
-                raise ValueError(f"n={n} must be between 1 and the depth {depth}")
+                raise InputError(f"n={n} must be between 1 and the depth {depth} (the last n blocks)")
             indices = list(range(depth - n, depth))
         else:
+            n = list(n)
+            if not n:
+                raise InputError(f"block indices [] select no block; give at least one index in "
+                                 f"{-depth}..{depth - 1} or an int n")
             bad = [i for i in n if not -depth <= i < depth]
             if bad:
-                raise ValueError(f"block indices {bad} out of range for depth {depth}")
+                raise InputError(f"block indices {bad} out of range for depth {depth} (allowed "
+                                 f"{-depth}..{depth - 1})")
             indices = sorted({i + depth if i < 0 else i for i in n})  # block order, as Meta returns them
         if return_class_token and self.cls_token is None:
             raise InputError("this model has no CLS token (e.g. I-JEPA); call with return_class_token=False")
@@ -290,7 +304,7 @@ class VisionTransformer(nn.Module):
             parts = self.split_tokens(outputs[i])
             patch = parts["patch"]
             if reshape:
-                patch = patch.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+                patch = patch.reshape(B, grid[0], grid[1], patch.shape[-1]).permute(0, 3, 1, 2).contiguous()
             extras = []
             if return_class_token:
                 extras.append(parts["cls"])

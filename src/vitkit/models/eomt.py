@@ -175,7 +175,7 @@ class EoMT(nn.Module):
         q = x[:, :self.num_q]
         class_logits = self.class_head(q)
         patches = x[:, self.num_q + self.encoder.num_prefix_tokens:]
-        feats = patches.transpose(1, 2).reshape(B, -1, *grid)  # NLC -> NCHW view of channels-last memory
+        feats = patches.transpose(1, 2).reshape(B, patches.shape[-1], *grid)  # NLC -> NCHW view of channels-last memory
         if self.grad_checkpointing and torch.is_grad_enabled():
             feats = checkpoint(self.upscale, feats, use_reentrant=False)
         else:

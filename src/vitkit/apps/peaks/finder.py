@@ -34,7 +34,7 @@ import torch
 
 from vitkit.apps.peaks.detector import Detector, DetectorShapeError, load_detector
 from vitkit.apps.peaks.peakfind import LONE_PIXEL_RATIO, PEAK_DTYPE, empty_peaks, measure_components
-from vitkit.errors import CheckpointError, CheckpointNotFoundError, InputError
+from vitkit.errors import CheckpointError, CheckpointNotFoundError, ConfigError, InputError
 
 __all__ = ["PEAK_DTYPE", "PeakFinder", "empty_peaks", "load_model", "read_mask", "bad_region_mask",
            "EventSource", "event_peaks", "event_good", "run_geometry", "MERGE_RADIUS"]
@@ -318,6 +318,14 @@ def event_good(event: np.ndarray, good: np.ndarray | None, unit=None,
     return g
 
 
+def _check_model(model) -> None:
+    """A peak finder's model must have a peak class: class 0 is the background, class 1 the peak."""
+    n = getattr(model, "num_classes", None)
+    if model is not None and n is not None and n < 2:
+        raise ConfigError(f"PeakFinder: the model has num_classes={n}, so no peak class; a peak-finding model "
+                          f"needs num_classes >= 2 (class 0 background, class 1 peak).")
+
+
 class PeakFinder:
     """A trained model plus a detector: events in, peak tables out.
 
@@ -344,6 +352,14 @@ class PeakFinder:
             :func:`~vitkit.apps.peaks.peakfind.lone_pixels`) are bad pixels of the event; None: no such check.
             Training applies the same rule (the data module), so the model never sees them.
 
+    Non-finite pixels (NaN, inf) of an event are bad pixels of that event, like masked ones: excluded from the
+    normalisation, zero in the model input, never part of a peak, a centroid or an intensity. The rest of the
+    panel is processed as usual. An empty batch of events (``[0, P, H, W]``) gives empty masks and no tables; a
+    panel without pixels (``H`` or ``W`` 0) is an :class:`~vitkit.errors.InputError`.
+
+    Raises:
+        ConfigError: the model has no peak class (``num_classes < 2``: class 0 is the background, 1 the peak).
+
     Usage::
 
         finder = PeakFinder.from_run("runs/x", geometry="det.geom", mask="mask.h5")
@@ -355,6 +371,7 @@ class PeakFinder:
                  batch_size: int = 32, min_pixels: int = 3, min_peaks: int = 0, max_peaks: int | None = 2048,
                  merge_radius: float = MERGE_RADIUS, threshold: float = 0.6, hysteresis: float | None = 0.25,
                  lone_pixel_ratio: float | None = LONE_PIXEL_RATIO):
+        _check_model(model)
         self.model = None if model is None else model.eval().to(device)
         self.device = torch.device(device)
         self.detector = None if detector is None else load_detector(detector)
@@ -378,6 +395,7 @@ class PeakFinder:
         """A copy of this finder (detector, mask, filters) that runs ``model`` on ``device``."""
         import copy
 
+        _check_model(model)
         out = copy.copy(self)
         out.device = torch.device(device) if device is not None else self.device
         out.model = None if model is None else model.eval().to(out.device)
@@ -394,19 +412,24 @@ class PeakFinder:
     def _events(self, events) -> np.ndarray:
         a = events if isinstance(events, np.ndarray) else np.asarray(events)
         if self.detector is not None:
-            return self.detector.to_panels(a, "events")
-        if a.ndim == 2:
-            return a[None, None]
-        if a.ndim == 3:
-            return a[:, None]
-        if a.ndim == 4:
-            return a
-        raise InputError(f"PeakFinder: expected an event [P, H, W], events [N, P, H, W] or frames [N, H, W], "
-                         f"found shape {a.shape}.")
+            ev = self.detector.to_panels(a, "events")
+        elif a.ndim == 2:
+            ev = a[None, None]
+        elif a.ndim == 3:
+            ev = a[:, None]
+        elif a.ndim == 4:
+            ev = a
+        else:
+            raise InputError(f"PeakFinder: expected an event [P, H, W], events [N, P, H, W] or frames [N, H, W], "
+                             f"found shape {a.shape}.")
+        if 0 in ev.shape[1:]:
+            raise InputError(f"PeakFinder: events of shape {a.shape} have panels without pixels "
+                             f"(panel stack {ev.shape[1:]}); every panel needs at least one pixel.")
+        return ev
 
     def _good(self, ev: np.ndarray, good: np.ndarray | None) -> np.ndarray | None:
         """Good pixels ``[N, P, H, W]`` of events ``ev``: the finder's mask AND a call's own (``[P, H, W]`` or
-        ``[N, P, H, W]``) AND NOT the events' lone pixels (``lone_pixel_ratio``)."""
+        ``[N, P, H, W]``) AND the events' finite pixels AND NOT their lone pixels (``lone_pixel_ratio``)."""
         shape = ev.shape
         for g in (self.good, good):
             if g is not None and np.shape(g)[-3:] != shape[1:]:
@@ -414,6 +437,12 @@ class PeakFinder:
                                          f"expected one mask value per pixel of an event.")
         g = self.good if good is None else (np.asarray(good, dtype=bool) if self.good is None
                                              else self.good & np.asarray(good, dtype=bool))
+        if shape[0] == 0:
+            return np.zeros(shape, dtype=bool)
+        if np.issubdtype(ev.dtype, np.inexact):  # NaN/inf pixels are bad pixels of their event
+            finite = np.isfinite(ev)
+            if not finite.all():
+                g = finite if g is None else (np.broadcast_to(g, shape) & finite)
         if self.lone_pixel_ratio is None:
             return None if g is None else np.broadcast_to(g, shape)
         unit = None if self.detector is None else self.detector.photon_adu()
@@ -452,6 +481,8 @@ class PeakFinder:
             raise InputError("PeakFinder: this finder has no model (built with model=None); it can only extract "
                              "peaks from given masks (PeakFinder.peaks).")
         n, p, h, w = ev.shape
+        if n == 0:
+            return np.zeros(ev.shape, dtype=bool)
         unit = None if self.detector is None else self.detector.photon_adu()
         gt = None if g is None else torch.from_numpy(np.array(g))
         x = torch.from_numpy(np.ascontiguousarray(ev, dtype=np.float32)).reshape(n * p, 1, h, w)

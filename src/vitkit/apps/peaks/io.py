@@ -155,7 +155,12 @@ class FrameSource:
                 return np.zeros((0, *(self.frame_shape or (0, 0))), dtype=np.float32)
             return np.stack([self[j] for j in idx])
         i = self._index(i)
-        frame = np.asarray(self._read(i), dtype=np.float32)
+        raw = np.asarray(self._read(i))
+        if np.iscomplexobj(raw):  # a cast would silently drop the imaginary part
+            raise UnsupportedFormatError(
+                f"{self.describe(i)} has complex dtype {raw.dtype}; expected real pixel values (integer, bool or "
+                "float). Store the magnitude (np.abs) or the real part explicitly.")
+        frame = raw.astype(np.float32, copy=False)
         if self.check_finite and not np.isfinite(frame).all():
             bad = np.count_nonzero(~np.isfinite(frame))
             raise NaNFrameError(
@@ -210,10 +215,20 @@ def _check_label_shape(img_shape, lab_shape, what: str,
             f"one label map per frame of the same size. {hint}")
 
 
+ALL_CHUNKS_ATTR = "vitkit_all_chunks_stored"
+"""Attribute :func:`write_zarr` sets on its image array: every chunk was written, so a missing one is a loss."""
+
+
 class ZarrSource(FrameSource):
     """A PeakNet zarr store: arrays ``images (B, H, W)`` and optionally ``labels (B, H, W)``.
 
     ``label_key=None`` uses ``labels`` if present; ``False`` ignores labels; a name must exist.
+
+    Missing image chunks: zarr's default writer does not store a chunk equal to the array's fill value (an
+    all-zero frame), and reads a missing chunk back as that value, so a missing chunk alone proves nothing. It is
+    a truncation (:class:`CorruptFileError` at open) when the store says every chunk was written (the attribute
+    ``vitkit_all_chunks_stored`` that :func:`write_zarr` sets) or when the array has no fill value (``null``:
+    a missing chunk has no defined content). Otherwise missing chunks read as the fill value, as in zarr.
     """
 
     def __init__(self, path: str | os.PathLike, key: str | None = None, label_key: str | bool | None = None,
@@ -233,12 +248,15 @@ class ZarrSource(FrameSource):
         self._n, *fshape = _frames_shape(img.shape, f"{self.path}/{self.key}")
         self._squeeze = img.ndim == 2
         self.frame_shape = tuple(fshape)
-        # zarr reads a missing chunk as the fill value: a truncated copy would silently yield blank frames
+        # zarr reads a missing chunk as the fill value: a truncated copy would silently yield blank frames. A
+        # missing chunk is legitimate only where the writer may have skipped it (see the class docstring).
         try:
             have, want = img.nchunks_initialized, img.nchunks
+            all_stored = bool(img.attrs.get(ALL_CHUNKS_ATTR, False)) or img.metadata.fill_value is None
         except Exception:  # noqa: BLE001 - the check is best-effort on exotic stores
             have = want = 0
-        if have < want:
+            all_stored = False
+        if have < want and all_stored:
             raise CorruptFileError(
                 f"{self.path}/{self.key}: only {have} of {want} chunks are present, so the store is truncated "
                 "(an interrupted copy or write); expected every image chunk. Re-copy or re-write the store.")
@@ -768,7 +786,9 @@ def write_zarr(path: str | os.PathLike, images, labels=None, metadata: dict | Se
     writer does; ``zarr_format=2`` (default) stays readable by the zarr 2 library PeakNet uses. Labels keep
     their integer dtype (bool becomes uint8). ``metadata`` is stored as the group attribute ``metadata``
     (JSON): a dict, or a list with one dict per frame (PeakNet stores per-event dicts as an object array;
-    an attribute avoids the object codec). An existing target is replaced.
+    an attribute avoids the object codec). An existing target is replaced. Every image chunk is stored (also
+    all-zero frames) and the image array is marked so (``vitkit_all_chunks_stored``): a chunk lost in a copy is
+    then reported at open (:class:`ZarrSource`) instead of read as zeros.
 
     Returns the path written.
     """
@@ -802,6 +822,7 @@ def write_zarr(path: str | os.PathLike, images, labels=None, metadata: dict | Se
         a = g.create_array("images", shape=imgs.shape, chunks=(1, h, w), dtype="float32",
                            config={"write_empty_chunks": True}, **comp)
         a[...] = imgs
+        a.attrs[ALL_CHUNKS_ATTR] = True  # after the chunks: a copy that lost chunks is then caught at open
         if labs is not None:
             b = g.create_array("labels", shape=labs.shape, chunks=(1, h, w), dtype=labs.dtype, **comp)
             b[...] = labs
