@@ -64,6 +64,22 @@ def test_variants_run(kw):
     assert out[-1].shape[-1] == 2 * C and torch.isfinite(out[-1]).all()
 
 
+def test_aa_order_changes_the_output_and_each_order_is_deterministic():
+    """The same weights run frame-then-global and global-then-frame give different tokens (at every layer), and
+    one order run twice gives identical tokens (so the difference is the order, not noise)."""
+    fg = tiny_agg(aa_order=["frame", "global"])
+    gf = tiny_agg(aa_order=["global", "frame"])
+    gf.load_state_dict(fg.state_dict())
+    x = frames(2, 3)
+    with torch.no_grad():
+        a, _ = fg(x)
+        a2, _ = fg(x)
+        b, _ = gf(x)
+    assert all(torch.equal(p, q) for p, q in zip(a, a2))
+    for p, q in zip(a, b):
+        assert float((p - q).abs().max() / q.abs().max()) > 1e-2
+
+
 # ------------------------------------------------------------------------------- frame vs global mixing
 def test_frame_attention_never_mixes_frames_global_attention_does():
     agg = dinov3_agg(depth=2)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitkit
+from helpers import randomise, rel
 from vitkit import kernels as K
 from vitkit.kernels import candidates as C
 from vitkit.layers.attention import Attention
@@ -66,23 +67,6 @@ def force(monkeypatch, **names):
         return out
 
     monkeypatch.setattr(K, "_dispatch", dispatch)
-
-
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """LayerScale gammas around 1 (presets start them at 1e-5, which mutes every block) and random biases, so a
-    wrong kernel inside any block changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
 
 # --------------------------------------------------------------------------------------------- candidates

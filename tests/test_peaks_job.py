@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import free_port
+
 TINY = ["model.embed_dim=32", "model.depth=2", "model.num_q=4", "data.num_train=32", "data.num_val=4",
         "data.num_test=2", "trainer.val_check_interval=4", "predict.overlays=1"]  # the default: epix10k2M shots
 
@@ -272,16 +274,60 @@ def test_synth_cli_writes_peaknet_zarr(tmp_path):
     assert set(np.unique(frames.label(0))) <= {0, 1} and frames.label(0).any()
 
 
-def test_bf16_accumulation_clipping_and_cosine_run(tmp_path):
-    """The training knobs of the recipe work together (bf16-mixed autocast on CPU, accumulation, clipping)."""
-    from vitkit.apps.peaks.job import compose, train
+def test_bf16_accumulation_clipping_and_cosine_run(tmp_path, monkeypatch):
+    """The training knobs of the recipe, each observed during the run: every training step runs under bf16
+    autocast; accumulation 2 gives one optimizer step per two batches; clipping brings the gradient norm seen by
+    the optimizer to <= 0.5 (and some steps needed it); the learning rate follows linear warm-up then cosine decay.
+    The run logs no learning rate (no LearningRateMonitor in ``train``), so it is read from the optimizer."""
+    import math
 
-    cfg = compose([f"run_dir={tmp_path / 'r'}", "trainer.max_steps=4", "trainer.precision=bf16-mixed",
-                   "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=0.5", "module.schedule=poly",
-                   "module.warmup_steps=2", "data.num_test=0", *TINY[:5]])
+    from vitkit.apps.peaks.job import compose, train
+    from vitkit.tasks.train import SegmentationModule
+
+    seen = {"autocast": [], "factor": [], "norm": [], "unclipped": []}
+    training_step = SegmentationModule.training_step
+
+    def spy_training_step(self, *args, **kwargs):
+        seen["autocast"].append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return training_step(self, *args, **kwargs)
+
+    adamw_step = torch.optim.AdamW.step
+
+    def spy_step(opt, *args, **kwargs):
+        g = opt.param_groups[0]
+        seen["factor"].append(g["lr"] / g["initial_lr"])
+        return adamw_step(opt, *args, **kwargs)  # Lightning's closure (backward, clipping) runs inside
+
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy_clip(parameters, *args, **kwargs):
+        parameters = list(parameters)
+        total = clip(parameters, *args, **kwargs)
+        seen["unclipped"].append(float(total))
+        grads = [p.grad.float() for p in parameters if p.grad is not None]
+        seen["norm"].append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads]))))
+        return total
+
+    monkeypatch.setattr(SegmentationModule, "training_step", spy_training_step)
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy_step)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy_clip)
+
+    steps, warmup = 6, 2
+    cfg = compose([f"run_dir={tmp_path / 'r'}", f"trainer.max_steps={steps}", "trainer.precision=bf16-mixed",
+                   "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=0.5", "module.schedule=cosine",
+                   f"module.warmup_steps={warmup}", "module.min_lr_factor=0.0", "data.num_test=0", *TINY[:5]])
     run = train(cfg)
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 4  # optimizer steps, i.e. 8 batches with accumulation 2
+    assert ckpt["global_step"] == steps and len(seen["factor"]) == steps  # optimizer steps
+    assert len(seen["autocast"]) == 2 * steps  # batches: two per optimizer step
+    assert set(seen["autocast"]) == {(True, torch.bfloat16)}
+    assert len(seen["unclipped"]) == steps and max(seen["unclipped"]) > 0.5  # clipping had work to do
+    assert max(seen["norm"]) <= 0.5 * (1 + 1e-3), seen["norm"]
+    # warm-up (s + 1) / warmup, then 0.5 (1 + cos(pi t)), t = (s - warmup) / (steps - warmup); poly would give
+    # (1 - t) ** 0.9 = 1, 0.77, 0.54, 0.29 where cosine gives 1, 0.85, 0.5, 0.15
+    want = [(s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
+            for s in range(steps)]
+    assert seen["factor"] == pytest.approx(want, abs=1e-6), seen["factor"]
     assert not (run / "metrics.json").exists()  # no held-out frames asked for
 
 
@@ -289,8 +335,9 @@ def test_ddp_under_torchrun(tmp_path):
     """The same DDP training launched by torchrun (Lightning picks up the torchelastic environment)."""
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                          str(script), str(tmp_path), "ddp"], capture_output=True, text=True, timeout=600,
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", str(script), str(tmp_path), "ddp"],
+                         capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -159,16 +158,6 @@ def test_panel_stack():
     centre = [5, 6, 9, 10]
     others = [i for i in range(16) if i not in centre]
     assert np.median(imgs[others].mean(axis=(1, 2))) > 1.0
-
-
-def test_speed_of_a_256_frame():
-    rng = np.random.default_rng(0)
-    cfg = SynthConfig()
-    make_frame(rng, cfg)
-    t0 = time.perf_counter()
-    for _ in range(10):
-        make_frame(rng, cfg)
-    assert (time.perf_counter() - t0) / 10 < 0.05  # ~6 ms on one core; generous for busy CI machines
 
 
 def test_bad_config():

@@ -10,11 +10,13 @@ import torch
 from torch import nn
 
 import vitkit
+from helpers import randomise
 from vitkit.layers.norm import LayerNorm, LayerNorm2d
 from vitkit.layers.precision import cast_for_inference
 
 
 def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative error in the L2 norm (steadier than max-abs for bf16, whose worst element is noisy)."""
     return float((a.float() - ref).norm() / ref.norm())
 
 
@@ -25,19 +27,45 @@ def tiny(**kw) -> vitkit.VisionTransformer:
     return vitkit.create_backbone(**{**base, **kw}).eval()
 
 
-@pytest.mark.parametrize("name", ["dinov2_vits14_reg", "dinov3_vits16"])
-def test_cast_for_inference_is_as_accurate_as_autocast(name):
-    torch.manual_seed(0)
-    m = vitkit.create_backbone(name, img_size=112).eval()
-    x = torch.randn(2, 3, 112, 112)
+# bf16 keeps 8 mantissa bits (~4e-3 relative per rounding); over 12 blocks with the residual stream in bf16 the
+# patch tokens' relative error reaches ~1e-2 (autocast, which keeps the residual stream in fp32, ~4e-3).
+BF16_RTOL = 2e-2
+
+
+def cast_vs_fp32(m: nn.Module, x: torch.Tensor, block_scale: float = 1.0) -> tuple[float, float]:
+    """Relative errors of the cast model and of autocast against fp32. ``block_scale`` != 1 injects an error: the
+    cast model's block 6 attention branch (after LayerScale) is scaled by it."""
     with torch.no_grad():
         ref = m.forward_features(x)["x_norm_patchtokens"]
         with torch.autocast("cpu", torch.bfloat16):
             auto = m.forward_features(x)["x_norm_patchtokens"]
         cast = cast_for_inference(copy.deepcopy(m))
+        hook = cast.blocks[6].ls1.register_forward_hook(lambda mod, args, out: out * block_scale)
         out = cast.forward_features(x)["x_norm_patchtokens"]  # fp32 images go in unchanged
+        hook.remove()
     assert out.dtype == torch.bfloat16
-    assert rel(out, ref) < 0.01 and rel(out, ref) < 2 * rel(auto, ref) + 1e-3, (rel(out, ref), rel(auto, ref))
+    return rel(out, ref), rel(auto, ref)
+
+
+@pytest.mark.parametrize("name", ["dinov2_vits14_reg", "dinov3_vits16"])
+def test_cast_for_inference_is_within_bf16_tolerance_of_fp32(name):
+    """On a randomised preset (LayerScale ~1, so every block counts), the cast model is within the bf16 tolerance of
+    fp32, and no worse than 3x autocast (it keeps the residual stream in bf16, autocast in fp32)."""
+    torch.manual_seed(0)
+    m = randomise(vitkit.create_backbone(name, img_size=112).eval())
+    cast_err, auto_err = cast_vs_fp32(m, torch.randn(2, 3, 112, 112))
+    assert cast_err < BF16_RTOL and cast_err < 3 * auto_err, (cast_err, auto_err)
+
+
+def test_the_cast_comparison_catches_a_wrong_scale_inside_a_block():
+    """A 25 % error on one block's attention branch is invisible on the preset as built (LayerScale 1e-5 mutes it)
+    and fails the comparison above on the randomised model."""
+    torch.manual_seed(0)
+    m = vitkit.create_backbone("dinov2_vits14_reg", img_size=112).eval()
+    x = torch.randn(1, 3, 112, 112)
+    muted, _ = cast_vs_fp32(m, x, block_scale=1.25)
+    caught, _ = cast_vs_fp32(randomise(m), x, block_scale=1.25)
+    assert muted < BF16_RTOL < caught, (muted, caught)
 
 
 def test_cast_keeps_norms_positions_and_rope_in_fp32():

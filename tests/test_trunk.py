@@ -307,7 +307,8 @@ TINY_SAM2 = ["++model.image_size=256", "++model.image_encoder.trunk.embed_dim=32
 
 def test_sam2_predicts_mask_from_point_prompt(sam2_build):
     """The shipped config (tiny overrides, image_size 256) builds with sam2's build_sam2, and
-    SAM2ImagePredictor segments a small non-square RGB image from one point."""
+    SAM2ImagePredictor segments a small non-square RGB image from one point: shapes, and mask logits that depend
+    on the point and its label (deterministically)."""
     model = sam2_build(config_file="sam2_vit_dino.yaml", ckpt_path=None, device="cpu",
                        hydra_overrides_extra=TINY_SAM2)
     trunk = model.image_encoder.trunk
@@ -324,3 +325,11 @@ def test_sam2_predicts_mask_from_point_prompt(sam2_build):
     single, s1, l1 = predictor.predict(point_coords=np.array([[60.0, 40.0]]), point_labels=np.array([1]),
                                        multimask_output=False)
     assert single.shape == (1, 96, 128) and s1.shape == (1,) and l1.shape == (1, 64, 64)
+    # the prompt reaches the masks: the same point gives the same logits, another point or a negative label
+    # at the same point gives different ones (random weights: no claim about where the mask lies)
+    again = predictor.predict(point_coords=np.array([[60.0, 40.0]]), point_labels=np.array([1]))[2]
+    other = predictor.predict(point_coords=np.array([[10.0, 85.0]]), point_labels=np.array([1]))[2]
+    negative = predictor.predict(point_coords=np.array([[60.0, 40.0]]), point_labels=np.array([0]))[2]
+    np.testing.assert_array_equal(again, low_res)
+    for changed in (other, negative):
+        assert np.abs(changed - low_res).max() > 1e-2 * np.abs(low_res).max()
