@@ -140,8 +140,20 @@ def test_predict_writes_dials_inputs(trained_run, tmp_path):
     assert (tmp_path / "p" / "imported.expt").stat().st_size > 1000
 
 
-def test_predict_and_evaluate_on_single_frames_of_any_size(trained_run, tmp_path):
-    """Plain frames (not the run's detector) are one-panel events, as before."""
+def cli_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`vitkit ARGS` through the same entry point (vitkit.cli.main) in this process: the CLI's error handling
+    without a new interpreter and its imports per call."""
+    from vitkit.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+
+def test_predict_and_evaluate_on_single_frames_of_any_size(trained_run, tmp_path, capsys):
+    """Plain frames (not the run's detector) are one-panel events, as before (the CLI's entry point, in process)."""
+    run_cli = lambda *a: cli_here(capsys, *a)  # noqa: E731
     from vitkit.apps.peaks.io import read_cxi_peaks, write_zarr
     from vitkit.apps.peaks.job import PeakFinder, load_model, predict
     from vitkit.apps.peaks.synthetic import SynthConfig, SyntheticPeakDataset
@@ -174,8 +186,9 @@ def test_predict_and_evaluate_on_single_frames_of_any_size(trained_run, tmp_path
     assert "peak_f1" in res.stdout
 
 
-def test_bad_inputs_give_clear_errors(trained_run, tmp_path):
+def test_bad_inputs_give_clear_errors(trained_run, tmp_path, capsys):
     run, _ = trained_run
+    run_cli = lambda *a: cli_here(capsys, *a)  # noqa: E731 - the same calls as a user's, in process
     bad = np.zeros((2, 64, 64), dtype=np.float32)
     bad[1, 3, 3] = np.nan
     np.save(tmp_path / "nan.npy", bad)
@@ -202,7 +215,7 @@ def _ckpt_step(path: Path) -> int:
 
 
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
-    args = ["trainer.max_steps=80", *TINY]
+    args = ["trainer.max_steps=40", *TINY, "data.num_test=1"]
     ref = run_cli("train", f"run_dir={tmp_path / 'ref'}", *args)
     assert ref.returncode == 0, ref.stderr[-3000:]
 
@@ -220,7 +233,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     proc.wait()
     assert not (run / "metrics.json").exists()
     killed_at = _ckpt_step(last)
-    assert 4 <= killed_at < 80, killed_at
+    assert 4 <= killed_at < 40, killed_at
 
     res = run_cli("train", f"resume={run}", *args)
     assert res.returncode == 0, res.stderr[-3000:]
