@@ -38,10 +38,9 @@ def _preset_weights(name: str) -> Path:
     """
     p = get_preset(name)
     if p.filename:
-        try:
-            return hub.resolve_file(p.filename, None, p.hf_id)  # local copies of the official file only
-        except WeightsNotFoundError:
-            pass
+        local = hub.local_file(p.filename, p.hf_id)  # local copies of the official file first
+        if local is not None:
+            return local
         snapshot = hub.hf_snapshot(p.hf_id) if p.hf_id else None
         if snapshot is not None:
             return _dir_weights(snapshot)

@@ -97,10 +97,9 @@ def official_weights(arch: str, name: str = "LVD1689M", file_hash: str | None = 
     filename = f"dinov3_{arch}_pretrain_{name.lower()}-{file_hash}.pth"
     hf_id = f"facebook/dinov3-{arch}-pretrain-{name.lower()}"
     searched = [hub.vitkit_home(), hub.torch_hub_dir()]
-    try:
-        return hub.resolve_file(filename, None, hf_id)
-    except WeightsNotFoundError:
-        pass
+    local = hub.local_file(filename, hf_id)
+    if local is not None:
+        return local
     snapshot = hub.hf_snapshot(hf_id)  # the same weights in transformers' layout, if that repo is cached
     if snapshot is not None:
         return find_weights_file(snapshot)

@@ -97,10 +97,8 @@ class _ModelActor:
         from vitkit.runtime import tune_cpu_allocator
 
         tune_cpu_allocator()
-        try:
+        if torch.get_num_interop_threads() != 1:  # a fresh actor process: no parallel work has run yet
             torch.set_num_interop_threads(1)
-        except RuntimeError:
-            pass
         self.finder = actor_finder(template, checkpoint, device=device, bf16=bf16, torch_threads=torch_threads)
         if warmup:  # one window through the model: the first call builds kernels and caches
             h, w = (int(v) for v in self.finder.model.img_size)
@@ -225,7 +223,7 @@ class QueueStream:
 
     def _item(self, item):
         from vitkit.errors import InputError
-        from vitkit.infer.stages import StreamItem, _raw
+        from vitkit.infer.stages import StreamItem, raw_array
 
         index, eid, ts = None, None, None
         if isinstance(item, dict):
@@ -251,7 +249,7 @@ class QueueStream:
             index = self.arrivals
         self.arrivals += 1
         where = f"queue item {index}" + (f" (event {eid})" if eid is not None else "")
-        return StreamItem(int(index), self.check(_raw(img), where), str(index if eid is None else eid),
+        return StreamItem(int(index), self.check(raw_array(img), where), str(index if eid is None else eid),
                           float("nan") if ts is None else float(ts))
 
     def poll(self, n: int, timeout: float = 0.0) -> list:

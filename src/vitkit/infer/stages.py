@@ -22,7 +22,7 @@ import numpy as np
 
 from vitkit.errors import InputError
 
-__all__ = ["StreamItem", "EventCheck", "actor_finder", "pack_masks", "unpack_masks", "FileStream",
+__all__ = ["StreamItem", "EventCheck", "actor_finder", "pack_masks", "unpack_masks", "raw_array", "FileStream",
            "SyntheticStream"]
 
 
@@ -170,7 +170,7 @@ class FileStream(IndexedStream):
             super().__init__(events, lambda ev, where: ev, events.describe)
         else:
             check = EventCheck(None, good)
-            super().__init__(frames, lambda item, where: check(_raw(item), where), frames.describe)
+            super().__init__(frames, lambda item, where: check(raw_array(item), where), frames.describe)
 
 
 class SyntheticStream(IndexedStream):
@@ -189,10 +189,10 @@ class SyntheticStream(IndexedStream):
 
             items = SyntheticPeakDataset(int(num_frames), cfg=SynthConfig(shape=tuple(int(s) for s in shape)),
                                          seed=int(seed))
-        super().__init__(items, lambda item, where: check(_raw(item), where), lambda i: f"synthetic:{seed}:{i}")
+        super().__init__(items, lambda item, where: check(raw_array(item), where), lambda i: f"synthetic:{seed}:{i}")
 
 
-def _raw(item: Any) -> np.ndarray:
+def raw_array(item: Any) -> np.ndarray:
     """The raw array of a source item (array, tensor, dict with ``image``; ``[P, 1, H, W]`` loses its channel)."""
     from vitkit.apps.peaks.job import event_of
 

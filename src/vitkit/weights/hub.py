@@ -77,16 +77,26 @@ def _hf_hint(repo_id: str, why: str) -> str:
             f"{hf_cache_dir()} (e.g. `huggingface-cli download {repo_id}` on a machine with internet).")
 
 
+def _file_candidates(filename: str, hf_id: str | None) -> list[Path]:
+    candidates = [vitkit_home() / filename, torch_hub_dir() / filename]
+    snap = hf_snapshot(hf_id) if hf_id else None
+    if snap is not None:
+        candidates.append(snap / filename)
+    return candidates
+
+
+def local_file(filename: str, hf_id: str | None = None) -> Path | None:
+    """A local copy of an official checkpoint file (``$VITKIT_HOME``, the torch hub directory, the Hugging Face
+    snapshot of ``hf_id``), or None: never downloads."""
+    return next((c for c in _file_candidates(filename, hf_id) if c.exists()), None)
+
+
 def resolve_file(filename: str, url: str | None, hf_id: str | None = None) -> Path:
     """Local path of an official checkpoint file, downloading from ``url`` when online."""
-    candidates = [vitkit_home() / filename, torch_hub_dir() / filename]
-    if hf_id:
-        snap = hf_snapshot(hf_id)
-        if snap is not None:
-            candidates.append(snap / filename)
-    for c in candidates:
-        if c.exists():
-            return c
+    found = local_file(filename, hf_id)
+    if found is not None:
+        return found
+    candidates = _file_candidates(filename, hf_id)
     if url and not offline():
         import torch.hub
 

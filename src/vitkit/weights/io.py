@@ -14,6 +14,7 @@ other suffix (``weights.model``) when they are plainly safetensors or PyTorch fi
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import pickle
@@ -85,14 +86,9 @@ def _sniff(path: Path) -> str:
     # safetensors: little-endian u64 header length, then the JSON header
     if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
         return "safetensors"
-    text = None
-    for cut in range(4):  # the 64 bytes may end inside a multi-byte character
-        try:
-            text = head[:len(head) - cut].decode("utf-8")
-            break
-        except UnicodeDecodeError:
-            continue
-    if text is None or not all(c.isprintable() or c.isspace() for c in text):
+    # an incremental decoder keeps a multi-byte character cut at the end of the 64 bytes for later
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(head, final=False)
+    if "\ufffd" in text or not all(c.isprintable() or c.isspace() for c in text):
         return "unknown"
     if text.startswith("version https://git-lfs"):
         return "lfs"
@@ -128,9 +124,7 @@ def _redo(path: Path) -> str:
 
     where = path.resolve()
     for cache in (vitkit_home(), torch_hub_dir(), hf_cache_dir()):
-        try:
-            where.relative_to(Path(cache).resolve())
-        except ValueError:
+        if not where.is_relative_to(Path(cache).resolve()):
             continue
         return (f"It is in the download cache {cache}: delete it and load again to download it again (or copy "
                 f"a good copy there).")
