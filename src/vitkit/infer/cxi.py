@@ -190,14 +190,9 @@ class OrderedCXIWriter:
 
     def abort(self) -> None:
         """Close and delete the temporary file; the target is left as it was."""
-        try:
-            self._f.close()
-        except Exception:  # noqa: BLE001 - already closed / never opened
-            pass
-        try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
+        if getattr(self, "_f", None) is not None:
+            self._f.close()  # closing a closed h5py file is a no-op
+        self.tmp.unlink(missing_ok=True)
 
     def summary(self) -> dict:
         return {"rows": self.rows, "peaks": self.peaks, "duplicates_dropped": self.duplicates, "gaps": self.gaps,

@@ -319,12 +319,12 @@ def _stderr(line: str) -> None:
 
 def peak_rss_mb(pid: int) -> float | None:
     """Peak resident memory (``VmHWM``) of a process on this node, in MiB; None where /proc cannot tell."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except (OSError, ValueError, IndexError):
+    status = Path(f"/proc/{pid}/status")
+    if not status.exists():  # another node, or the process is gone
         return None
+    for line in status.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
     return None
 
 

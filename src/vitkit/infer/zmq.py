@@ -288,11 +288,10 @@ class ZmqStream:
 
     # ------------------------------------------------------------------------------------------- receive
     def _recv(self) -> list[zmq.Frame] | None:
-        t0 = time.perf_counter()
-        try:
-            parts = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
-        except zmq.Again:
+        if not self._sock.poll(0, zmq.POLLIN):  # nothing waiting
             return None
+        t0 = time.perf_counter()
+        parts = self._sock.recv_multipart(copy=False)
         self._t["receive_s"] += time.perf_counter() - t0
         self._last_msg = time.perf_counter()
         self._n["received"] += 1
@@ -594,11 +593,9 @@ def produce(endpoint: str | list[str], events: Iterable, *, socket: str = "push"
 
     def send(parts: list[bytes], what: str) -> None:
         nonlocal blocked
-        try:
-            sock.send_multipart(parts, zmq.NOBLOCK)
+        if sock.poll(0, zmq.POLLOUT):  # room at once: no backpressure on this one
+            sock.send_multipart(parts)
             return
-        except zmq.Again:
-            pass
         t0 = time.perf_counter()
         try:
             sock.send_multipart(parts)
