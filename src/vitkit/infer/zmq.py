@@ -118,10 +118,16 @@ def _attach(sock: zmq.Socket, endpoint: str, bind: bool) -> str:
         raise ConfigError(f"zmq: cannot {what} {endpoint!r}: {e.strerror}.{hint}") from e
 
 
+def _is_scalar(value: Any) -> bool:
+    """A 0-d or one-element array (or JSON value) of a number or a string."""
+    a = np.asarray(value)
+    return a.size == 1 and a.dtype.kind in "iufUS"
+
+
 def _scalar(value: Any, what: str) -> Any:
     """A Python scalar from a 0-d (or one-element) array or a JSON value."""
     a = np.asarray(value)
-    if a.size != 1 or a.dtype.kind not in "iufUS":
+    if not _is_scalar(a):
         raise _Malformed(f"{what} must be a scalar (str or number), found {a.dtype} shape {a.shape}")
     v = a.reshape(()).item()
     return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
@@ -468,10 +474,8 @@ class ZmqStream:
         return None if eid is None else str(_scalar(eid, f"event id ({self.id_key!r})"))
 
     def _id_or_none(self, eid: Any) -> str | None:
-        try:
-            return self._id(eid)
-        except _Malformed:
-            return None
+        """The event id for naming a malformed message: None when there is none or it is not a scalar."""
+        return self._id(eid) if eid is not None and _is_scalar(eid) else None
 
     def _timestamp(self, ts: Any, eid: str | None) -> float:
         if ts is None:
