@@ -195,7 +195,7 @@ def train(cfg) -> Path:
     """Train with a composed config, then predict and evaluate the held-out frames. Returns the run dir."""
     import lightning as L
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger
     from omegaconf import OmegaConf
 
@@ -283,6 +283,7 @@ def train(cfg) -> Path:
         AtomicCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/pixel_iou", mode="max", save_last=True,
                          save_on_train_epoch_end=True),
         TQDMProgressBar(refresh_rate=max(1, int(os.environ.get("VITKIT_PROGRESS_REFRESH", 1)))),
+        LearningRateMonitor(logging_interval="step"),  # logs/metrics.csv: lr-AdamW/pg<i> per parameter group
     ]
     trainer = L.Trainer(default_root_dir=str(run_dir), logger=CSVLogger(str(run_dir), name="logs", version=""),
                         callbacks=callbacks, deterministic=True, **trainer_kw)
