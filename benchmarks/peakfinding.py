@@ -78,6 +78,20 @@ def truth_table(shot) -> np.ndarray:
     return np.concatenate(rows) if rows else np.zeros((0, 4))
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` pairs (VALUE in YAML) as LatticeConfig keyword arguments; lists become tuples."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in LatticeConfig.__dataclass_fields__:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of LatticeConfig's fields")
+        v = yaml.safe_load(value)
+        out[key] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
 def score(found: list, truth: list, n_panels: int, radius: float, weak: list | None) -> dict[str, Any]:
     """``vitkit evaluate``'s peak metrics: matched per panel; ``weak`` (per shot, per panel) are don't-care."""
     pred_frames, true_frames = [], []
@@ -151,13 +165,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--nproc", type=int, default=2, help="DIALS worker processes (default 2)")
     ap.add_argument("--reps", type=int, default=2, help="timing repetitions per event (best kept; default 2)")
     ap.add_argument("--no-dials", action="store_true", help="skip the DIALS indexing")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="LatticeConfig override for calibration and test shots (repeatable), e.g. "
+                         "--set intensity_scale=[5,300]; values are YAML")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)
     env = common.environment()
     common.print_header(env)
     det = builtin_detector("epix10k2m")
-    cfg = LatticeConfig(defect_seed=DEFECT_SEED)
+    cfg = LatticeConfig(defect_seed=DEFECT_SEED, **parse_overrides(args.set))
     n_p = len(det.panels)
     args.out.mkdir(parents=True, exist_ok=True)
 

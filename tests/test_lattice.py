@@ -295,6 +295,56 @@ def test_water_ring_is_where_water_scatters():
     assert min(checked.values()) >= 2, checked
 
 
+def test_jet_streak_is_a_line_through_the_beam_and_never_a_peak():
+    """A jet streak at azimuth 30 deg: pixels within 1 px of the lab line through the beam read brighter than
+    pixels 6-20 px beside it at the same scattering angle, on every panel the line crosses; no label sits there
+    unless a reflection does; without the streak (jet_fraction=0) the same pixels show no excess."""
+    kw = dict(water_amplitude=(0.01, 0.01), air_amplitude=(0.01, 0.01), background=(0.05, 0.05),
+              intensity_scale=(1e-3, 1e-3), hot_fraction=0.0, dead_fraction=0.0, jet_amplitude=(20.0, 20.0),
+              jet_width=(1.0, 1.0), jet_azimuth=30.0, jet_azimuth_jitter=0.0)
+    on = simulate_shot(5, EPIX, LatticeConfig(jet_fraction=1.0, **kw))
+    off = simulate_shot(5, EPIX, LatticeConfig(jet_fraction=0.0, **kw))
+    assert on.params["jet_amplitude"] == 20.0 and off.params["jet_amplitude"] == 0.0
+    phi = math.radians(30.0)
+    crossed = 0
+    for pos, k in enumerate(on.panels):
+        xyz = EPIX.pixel_xyz(int(k))
+        d_px = np.abs(xyz[..., 0] * math.sin(phi) - xyz[..., 1] * math.cos(phi)) * EPIX.panels[int(k)].res
+        r_px = np.hypot(xyz[..., 0], xyz[..., 1]) * EPIX.panels[int(k)].res
+        near, beside = (d_px < 1.0) & on.good[pos] & (r_px < 600), (d_px > 6) & (d_px < 20) & on.good[pos] & (r_px < 600)
+        if near.sum() < 40:
+            continue
+        crossed += 1
+        assert on.images[pos][near].mean() > 3.0 * on.images[pos][beside].mean() + 1.0, k
+        assert abs(off.images[pos][near].mean() - off.images[pos][beside].mean()) < 0.3, k
+        assert on.labels[pos][near].sum() == 0
+    assert crossed >= 2
+
+
+def test_hot_clusters_are_adjacent_and_masked_together():
+    """With every hot defect a cluster, bad pixels come in 4-connected groups of 2-4 (single pixels only where a
+    cluster was clipped at the border or two defects touch), each group wholly masked or wholly missed, and they
+    read hot; the fixed defect map (defect_seed) is the same in every shot."""
+    cfg = LatticeConfig(hot_fraction=2e-4, hot_cluster_fraction=1.0, hot_unmasked_fraction=0.5, dead_fraction=0.0,
+                        defect_seed=3, edge_width=0, intensity_scale=(1e-3, 1e-3), jet_fraction=0.0)
+    a, b = simulate_shot(1, EPIX, cfg, panels=[0, 1]), simulate_shot(2, EPIX, cfg, panels=[0, 1])
+    np.testing.assert_array_equal(a.good, b.good)
+    sizes, mixed = [], 0
+    for pos in range(2):
+        hot = a.images[pos] > 0.2 * 0.3 * 1e4 - 1  # hot levels: >= 0.3 x 0.2 x max_adu
+        comp, n = ndimage.label(hot)
+        for i in range(1, n + 1):
+            pix = comp == i
+            sizes.append(int(pix.sum()))
+            masked = ~a.good[pos][pix]
+            mixed += int(masked.any() and not masked.all())
+    sizes = np.array(sizes)
+    assert len(sizes) >= 20 and mixed == 0
+    assert ((sizes >= 2) & (sizes <= 4)).mean() > 0.9, np.bincount(sizes)
+    assert 0.3 < np.mean([(~a.good[pos] & (a.images[pos] > 1000)).sum() / max((a.images[pos] > 1000).sum(), 1)
+                          for pos in range(2)]) < 0.7
+
+
 # ------------------------------------------------------------------------------------------- (7) config
 def test_config_validation_errors():
     with pytest.raises(ConfigError, match="P43212"):
@@ -317,6 +367,12 @@ def test_config_validation_errors():
         LatticeConfig(shot_noise="exact")
     with pytest.raises(ConfigError, match="oversample"):
         LatticeConfig(oversample=0)
+    with pytest.raises(ConfigError, match="jet_fraction"):
+        LatticeConfig(jet_fraction=2.0)
+    with pytest.raises(ConfigError, match="jet_width"):
+        LatticeConfig(jet_width=(0.0, 1.0))
+    with pytest.raises(ConfigError, match="hot_cluster_fraction"):
+        LatticeConfig(hot_cluster_fraction=-0.1)
     with pytest.raises(ConfigError, match="photon energy"):
         simulate_shot(0, EPIX.replace(photon_energy=None))
     with pytest.raises(ConfigError, match="panels"):

@@ -71,7 +71,9 @@ Background (expected photons per pixel)
     Omega * constant``, with ``s = 2 sin(theta) / lambda`` of the pixel from the geometry (so the water ring sits
     at water's real ``q = 2 pi / d_w`` ~ 2.0 1/A on any detector), ``Omega = (clen / L)^2 cos(incidence)`` the
     pixel's solid angle relative to a pixel facing the sample at the camera length, ``Omega_pol`` that times
-    the polarisation factor.
+    the polarisation factor. In a fraction ``jet_fraction`` of shots a liquid-jet streak is added inside
+    ``Omega_pol``: ``jet * exp(-d^2 / (2 w^2)) / (1 + (2 theta / jet_angle)^2)``, ``d`` the pixel's distance
+    (px) from the lab line through the beam at azimuth ``jet_azimuth`` (jittered per shot; uniform when unset).
 
 Detector response, per panel (from the panel's child generator)
     ``ADU = adu_per_photon * (gain * Poisson(expected) + offset + read_noise * N(0, 1))`` with gain = panel gain
@@ -80,7 +82,8 @@ Detector response, per panel (from the panel's child generator)
     pixels read 0 and hot pixels read ``U(hot_level) * max_adu`` (a fraction ``hot_saturated_fraction`` exactly
     ``max_adu``). The returned ``good`` mask marks the panel edges (``edge_width``), the dead pixels and the hot
     pixels bad, except a fraction ``hot_unmasked_fraction`` of hot pixels (and ``dead_unmasked_fraction`` of
-    dead ones) that a real mask misses.
+    dead ones) that a real mask misses. A fraction ``hot_cluster_fraction`` of hot defects are clusters of 2-4
+    adjacent pixels, masked or missed together.
 
 Truth
     ``visible``: the reflection's centre pixel (rounded centre) lies on the panel at least one pixel from its
@@ -375,7 +378,8 @@ def _geometry(det: Detector) -> list[_PanelGeom]:
 
 
 def _pixel_maps(det: Detector, k: int, g: _PanelGeom, polarization: float) -> dict[str, np.ndarray]:
-    """Cached per-pixel maps of a panel: sin(theta), 2 theta, solid angle and solid angle x polarisation."""
+    """Cached per-pixel maps of a panel: sin(theta), 2 theta, solid angle, solid angle x polarisation and the lab
+    x, y (m) of every pixel centre."""
     key = ("maps", polarization)
     if key not in g.maps:
         xyz = det.pixel_xyz(k)
@@ -386,7 +390,8 @@ def _pixel_maps(det: Detector, k: int, g: _PanelGeom, polarization: float) -> di
         omega = (g.clen / dist) ** 2 * np.abs(u @ nhat)
         pol = polarization * (1 - u[..., 0] ** 2) + (1 - polarization) * (1 - u[..., 1] ** 2)
         g.maps[key] = {"sin_theta": np.sin(tt / 2).astype(np.float32), "two_theta": tt.astype(np.float32),
-                       "omega": omega.astype(np.float32), "omega_pol": (omega * pol).astype(np.float32)}
+                       "omega": omega.astype(np.float32), "omega_pol": (omega * pol).astype(np.float32),
+                       "x": xyz[..., 0].astype(np.float32), "y": xyz[..., 1].astype(np.float32)}
     return g.maps[key]
 
 
@@ -462,6 +467,20 @@ class LatticeConfig:
     """Air scatter falls as ``1 / (1 + (2 theta / air_angle)^2)`` (rad)."""
     background: tuple[float, float] = (0.01, 0.3)
     """Smooth constant background (photons/px at normal incidence): fluorescence, stray light."""
+    jet_fraction: float = 0.5
+    """Fraction of shots with a liquid-jet streak: the thin line through the beam centre, perpendicular to the
+    jet, that reflection off the jet's surface draws on SFX frames (background, never a peak)."""
+    jet_amplitude: tuple[float, float] = (0.5, 20.0)
+    """Jet-streak brightness on its axis near the beam (photons/px), log-uniform."""
+    jet_azimuth: float | None = None
+    """Direction of the streak in the lab x-y plane (degrees from +x; 0: a vertical jet's horizontal streak);
+    ``None``: uniform per shot (training sees every direction)."""
+    jet_azimuth_jitter: float = 3.0
+    """Per-shot jitter of a set ``jet_azimuth`` (degrees, standard deviation)."""
+    jet_width: tuple[float, float] = (0.5, 1.5)
+    """Gaussian sigma of the streak's cross-section (px), uniform."""
+    jet_angle: float = 0.25
+    """The streak fades as ``1 / (1 + (2 theta / jet_angle)^2)`` along its length (rad)."""
     # detector response
     adu_per_photon: float | None = None
     """ADU per photon; ``None``: the panel's / detector's ``adu_per_photon``, else 1."""
@@ -496,6 +515,10 @@ class LatticeConfig:
     """Fraction of hot pixels missing from the returned ``good`` mask (still bad: labels are 0 there)."""
     dead_unmasked_fraction: float = 0.0
     """Fraction of dead pixels missing from the returned ``good`` mask."""
+    hot_cluster_fraction: float = 0.1
+    """Fraction of hot defects that are clusters (2-4 adjacent hot pixels, masked or missed together, each at
+    its own hot level): damaged or bump-bond-shorted groups. Lone hot pixels are easy to reject by size;
+    clusters are what a peak finder's minimum pixel count lets through."""
     defect_seed: int | None = None
     """Seed of a fixed defect map (the same dead/hot pixels every shot); ``None``: new defects per shot."""
     edge_width: int = 1
@@ -535,10 +558,17 @@ class LatticeConfig:
         rng_ok("domain_size", strict=True)
         rng_ok("psf", strict=True)
         rng_ok("hot_level")
+        rng_ok("jet_amplitude")
+        rng_ok("jet_width", strict=True)
+        if not (self.jet_angle > 0 and self.jet_azimuth_jitter >= 0
+                and (self.jet_azimuth is None or math.isfinite(self.jet_azimuth))):
+            raise ConfigError(f"LatticeConfig.jet_angle / jet_azimuth_jitter / jet_azimuth: expected > 0 / >= 0 / "
+                              f"finite, found {self.jet_angle} / {self.jet_azimuth_jitter} / {self.jet_azimuth}.")
         if self.water_ring_d[0] <= 0:
             raise ConfigError(f"LatticeConfig.water_ring_d: expected d > 0 A, found {self.water_ring_d}.")
         for name in ("streaky_fraction", "polarization", "hot_saturated_fraction", "hot_unmasked_fraction",
-                     "dead_unmasked_fraction", "dead_fraction", "hot_fraction"):
+                     "dead_unmasked_fraction", "dead_fraction", "hot_fraction", "jet_fraction",
+                     "hot_cluster_fraction"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"LatticeConfig.{name}: expected a fraction in [0, 1], found {v}.")
@@ -585,6 +615,7 @@ class LatticeConfig:
         clean = dict(water_amplitude=(0.0, 0.0), air_amplitude=(0.0, 0.0), background=(0.0, 0.0),
                      gain_sigma=0.0, asic_gain_sigma=0.0, pedestal_sigma=0.0, asic_offset_sigma=0.0,
                      common_mode_sigma=0.0, read_noise=0.0, shot_noise="none", dead_fraction=0.0, hot_fraction=0.0,
+                     jet_fraction=0.0,
                      edge_width=0, max_adu=math.inf, adu_per_photon=1.0)
         clean.update(overrides)
         return cls(**clean)
@@ -758,6 +789,34 @@ def _merge_groups(ss: np.ndarray, fs: np.ndarray, min_sep: float) -> np.ndarray:
     return np.unique(roots, return_inverse=True)[1]
 
 
+_CLUSTER_SHAPES = (((0, 1),), ((1, 0),), ((0, 1), (0, 2)), ((1, 0), (2, 0)), ((0, 1), (1, 0), (1, 1)),
+                   ((0, 1), (1, 1)), ((1, 0), (1, 1)))
+
+
+def _hot_clusters(drng: np.random.Generator, hot: np.ndarray, masked: np.ndarray, val: np.ndarray, fraction: float,
+                  shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Grow a ``fraction`` of the hot pixels into clusters of 2-4 adjacent pixels (``_CLUSTER_SHAPES``); each added
+    pixel shares its seed's masked flag and reads its own hot level (a value drawn like the seed's, scaled by
+    0.3-1). Clusters are clipped at the panel border."""
+    h, w = shape
+    seeds = np.flatnonzero(drng.random(len(hot)) < fraction)
+    kinds = drng.integers(0, len(_CLUSTER_SHAPES), len(seeds))
+    add_pix, add_mask, add_val = [], [], []
+    for i, kind in zip(seeds, kinds):
+        r, c = divmod(int(hot[i]), w)
+        for dr, dc in _CLUSTER_SHAPES[kind]:
+            if r + dr < h and c + dc < w:
+                add_pix.append((r + dr) * w + c + dc)
+                add_mask.append(masked[i])
+                add_val.append(val[i])
+    if not add_pix:
+        return hot, masked, val
+    scale = drng.uniform(0.3, 1.0, len(add_pix))
+    return (np.concatenate([hot, np.asarray(add_pix, dtype=hot.dtype)]),
+            np.concatenate([masked, np.asarray(add_mask, dtype=bool)]),
+            np.concatenate([val, np.asarray(add_val) * scale]))
+
+
 def _resolve_panels(det: Detector, panels) -> np.ndarray:
     n = len(det.panels)
     if panels is None:
@@ -816,6 +875,10 @@ def simulate_shot(rng: np.random.Generator | int | None, detector: Detector | st
     air = _draw(rng, cfg.air_amplitude, log=True)
     const = _draw(rng, cfg.background)
     panel_entropy = int(rng.integers(0, 2 ** 63 - 1))
+    jet = _draw(rng, cfg.jet_amplitude, log=True) if rng.random() < cfg.jet_fraction else 0.0
+    jet_phi = (float(rng.uniform(0.0, math.pi)) if cfg.jet_azimuth is None else
+               math.radians(cfg.jet_azimuth + cfg.jet_azimuth_jitter * float(rng.standard_normal())))
+    jet_w = _draw(rng, cfg.jet_width)
 
     # ---- prediction: excitation error and partiality of every candidate reflection
     bmat = reciprocal_basis(cfg.cell)
@@ -936,6 +999,11 @@ def simulate_shot(rng: np.random.Generator | int | None, detector: Detector | st
             bg += np.float32(water) * np.exp(np.float32(-0.5) * z * z)
         if air > 0:
             bg += np.float32(air) / (1 + (maps["two_theta"] * np.float32(1.0 / cfg.air_angle)) ** 2)
+        if jet > 0:  # distance (px) of each pixel from the line through the beam at azimuth jet_phi
+            d = np.abs(maps["x"] * np.float32(math.sin(jet_phi)) - maps["y"] * np.float32(math.cos(jet_phi)))
+            d *= np.float32(p.res / jet_w)
+            bg += (np.float32(jet) * np.exp(np.float32(-0.5) * d * d)
+                   / (1 + (maps["two_theta"] * np.float32(1.0 / cfg.jet_angle)) ** 2))
         bg *= maps["omega_pol"]
         if const > 0:
             bg += np.float32(const) * maps["omega"]
@@ -962,6 +1030,9 @@ def simulate_shot(rng: np.random.Generator | int | None, detector: Detector | st
         hot_masked = drng.random(n_hot) >= cfg.hot_unmasked_fraction
         hot_val = np.where(drng.random(n_hot) < cfg.hot_saturated_fraction, 1.0,
                            drng.uniform(*cfg.hot_level, size=n_hot)) * (max_adu if math.isfinite(max_adu) else 1e6)
+        if cfg.hot_cluster_fraction > 0 and n_hot:
+            hot, hot_masked, hot_val = _hot_clusters(drng, hot, hot_masked, hot_val, cfg.hot_cluster_fraction,
+                                                     (h_px, w_px))
         bad = np.zeros(npix, dtype=bool)
         bad[dead] = True
         bad[hot] = True
@@ -1060,7 +1131,8 @@ def simulate_shot(rng: np.random.Generator | int | None, detector: Detector | st
 
     params = dict(bandwidth=bw, mosaicity=mosaic, streaky=float(streaky), domain_size=domain, wilson_b=wilson_b,
                   intensity_scale=scale, psf=psf, water_amplitude=water, water_ring_d=water_d, air_amplitude=air,
-                  background=const, divergence=cfg.divergence, photon_energy=photon_energy_to_wavelength(lam_m))
+                  background=const, jet_amplitude=jet, jet_azimuth=math.degrees(jet_phi), jet_width=jet_w,
+                  divergence=cfg.divergence, photon_energy=photon_energy_to_wavelength(lam_m))
     return Shot(images=images, labels=labels, good=goods, panels=sel, reflections=refl, peaks=peaks,
                 orientation=u_mat, a_star=a_star, wavelength=lam_m, cell=tuple(cfg.cell), space_group=sg_name,
                 params=params)
