@@ -89,7 +89,7 @@ def create_backbone(name: str | None = None, *, pretrained: bool | str | Path = 
     if name is not None:
         cfg = dict(get_preset(name).config)
     elif source is not None and not config.get("embed_dim"):
-        cfg = _config_from_checkpoint(source)
+        cfg = _config_from_checkpoint(source, config.get("num_heads"))
     else:
         cfg = {}
     cfg.update(config)
@@ -126,7 +126,7 @@ def _dir_weights(directory: Path) -> Path:
     return find_weights_file(directory)
 
 
-def _config_from_checkpoint(source: Path) -> dict[str, Any]:
+def _config_from_checkpoint(source: Path, num_heads: int | None = None) -> dict[str, Any]:
     if source.is_dir() and (source / "config.json").exists():
         doc = read_json(source / "config.json")
         if doc.get("model_type") == "vitkit":
@@ -134,7 +134,7 @@ def _config_from_checkpoint(source: Path) -> dict[str, Any]:
         keys = set(read_state_dict(source)[0])
         return {k: v for k, v in hf_to_vit_config(doc, keys).__dict__.items()}
     sd, fmt, _, stored, _ = read_and_convert(source)
-    return infer_config(sd, fmt, stored)
+    return infer_config(sd, fmt, stored, num_heads)  # heads are not in the weights: the caller's, if given
 
 
 def from_pretrained(path_or_id: str | Path, **overrides: Any):
@@ -153,7 +153,7 @@ def from_pretrained(path_or_id: str | Path, **overrides: Any):
             raise CheckpointNotFoundError(f"{path_or_id} is neither an existing path nor a Hugging Face model id "
                                           f"(org/name); check the path")
     if path.is_file():  # architecture from the file (vitkit metadata, or inferred from the keys)
-        cfg = _config_from_checkpoint(path)
+        cfg = _config_from_checkpoint(path, overrides.get("num_heads"))
         cfg.update(overrides)
         model = VisionTransformer(ViTConfig.from_dict(cfg))
         load_weights(model, path, keep_config=set(overrides))

@@ -226,10 +226,11 @@ def inspect(source: str | Path | StateDict) -> dict[str, Any]:
 _HEADS_BY_DIM = {192: 3, 384: 6, 768: 12, 1024: 16, 1408: 16, 1536: 24, 4096: 32}
 
 
-def infer_config(sd: StateDict, fmt: Format, stored_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+def infer_config(sd: StateDict, fmt: Format, stored_cfg: dict[str, Any] | None = None,
+                 num_heads: int | None = None) -> dict[str, Any]:
     """Architecture of a converted state dict, as ViTConfig keyword arguments.
 
-    ``num_heads`` cannot be read from weights; it is taken from the standard size for the width
+    ``num_heads`` cannot be read from weights; unless given, it is taken from the standard size for the width
     (384 -> 6, 768 -> 12, 1024 -> 16, 1280 -> 20 for DINOv3 and 16 otherwise, 1536 -> 24, 4096 -> 32).
     """
     if stored_cfg is not None:
@@ -242,7 +243,7 @@ def infer_config(sd: StateDict, fmt: Format, stored_cfg: dict[str, Any] | None =
     family = fmt.family or ("ijepa" if "cls_token" not in sd else "vit")
     if fmt.name == "hf_vit" and "dist_token" in sd:
         family = "deit"
-    heads = 20 if (D == 1280 and family == "dinov3") else _HEADS_BY_DIM.get(D, 16 if D == 1280 else None)
+    heads = num_heads or (20 if (D == 1280 and family == "dinov3") else _HEADS_BY_DIM.get(D, 16 if D == 1280 else None))
     if heads is None:
         raise ConfigError(f"cannot infer num_heads for embed_dim {D}; pass num_heads explicitly")
     cfg: dict[str, Any] = dict(family=family, embed_dim=D, in_chans=C, patch_size=p, depth=depth, num_heads=heads,
