@@ -149,7 +149,8 @@ def _appeared(out: Path, prefix: str, delay: float = 0.0):
 def test_a_write_deletes_only_the_stale_temporaries_of_its_own_target(tmp_path):
     """What the re-runs below rely on: writing NAME deletes NAME's temporaries of dead processes on this host,
     and nothing else (a running process's, another host's, another file's)."""
-    from vitkit.apps.peaks.io import _host, write_csv
+    from vitkit.apps.peaks.io import write_csv
+    from vitkit.atomic import _host
 
     dead = subprocess.Popen(["true"])
     dead.wait()  # its pid no longer runs

@@ -169,7 +169,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     from vitkit.apps.peaks.datamodule import make_source
-    from vitkit.apps.peaks.job import evaluate, format_metrics, predict, truth_of, write_json
+    from vitkit.apps.peaks.job import evaluate, format_metrics, predict, truth_of
+    from vitkit.atomic import write_json
 
     finder = _finder(args)
     if args.inputs:

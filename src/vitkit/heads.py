@@ -12,7 +12,6 @@ A custom head subclasses :class:`BaseHead`, implements the ``input_dim`` propert
 
 from __future__ import annotations
 
-import copy
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -20,21 +19,9 @@ import torch
 from torch import nn
 
 from vitkit.errors import ConfigError, InputError
+from vitkit.layers.activation import ACTIVATIONS, make_activation
 
 __all__ = ["ACTIVATIONS", "BaseHead", "IdentityHead", "LinearHead", "MLPHead", "make_activation"]
-
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "gelu": nn.GELU,
-    "tanh": nn.Tanh,
-    "silu": nn.SiLU,
-    "swish": nn.SiLU,
-    "sigmoid": nn.Sigmoid,
-    "leaky_relu": nn.LeakyReLU,
-    "elu": nn.ELU,
-    "mish": nn.Mish,
-}
-
 
 def _check_dim(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -80,23 +67,6 @@ class LinearHead(BaseHead):
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         self._check_input(embeddings)
         return self.fc(embeddings)
-
-
-def make_activation(activation: str | nn.Module | type[nn.Module]) -> nn.Module:
-    """A fresh activation module from a name (``"gelu"``...), a module class, or a module instance (copied,
-    so that activations with parameters, e.g. ``nn.PReLU()``, are not shared between layers)."""
-    if isinstance(activation, str):
-        try:
-            return ACTIVATIONS[activation.lower()]()
-        except KeyError:
-            raise ConfigError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}, "
-                              f"an nn.Module class or an nn.Module instance") from None
-    if isinstance(activation, type) and issubclass(activation, nn.Module):
-        return activation()
-    if isinstance(activation, nn.Module):
-        return copy.deepcopy(activation)
-    raise ConfigError(f"activation must be a name ({sorted(ACTIVATIONS)}), an nn.Module class or an nn.Module "
-                      f"instance, got {activation!r}")
 
 
 class MLPHead(BaseHead):

@@ -355,7 +355,6 @@ class ZooModel(nn.Module):
         self.pooling = pooling or default_pooling(backbone)
         self._check_pooling()
         self.head = _make_head(head, self.embedding_dim, self._describe())
-        self._frozen = False
         self.freeze_backbone(bool(freeze_backbone))
 
     # --------------------------------------------------------------------------------------- set-up
@@ -386,25 +385,15 @@ class ZooModel(nn.Module):
         return 2 * c.embed_dim if self.pooling == "cls_mean" else c.embed_dim
 
     def freeze_backbone(self, freeze: bool = True) -> ZooModel:
-        """Freeze (or unfreeze) the backbone: ``requires_grad`` off and eval mode kept under ``.train()``."""
-        self._frozen = freeze
-        for p in self.backbone.parameters():
-            p.requires_grad_(not freeze)
-        if freeze:
-            self.backbone.eval()
-        else:
-            self.backbone.train(self.training)
+        """Freeze (or unfreeze) the backbone (:meth:`VisionTransformer.freeze`: ``requires_grad`` off and eval
+        mode kept under ``.train()``)."""
+        self.backbone.freeze(freeze)
+        self.backbone.train(self.training)
         return self
 
     @property
     def backbone_frozen(self) -> bool:
-        return self._frozen
-
-    def train(self, mode: bool = True) -> ZooModel:
-        super().train(mode)
-        if self._frozen:
-            self.backbone.eval()
-        return self
+        return self.backbone.frozen
 
     # -------------------------------------------------------------------------------------- forward
     def forward_features(self, pixel_values: torch.Tensor, output_attentions: bool = False
@@ -487,7 +476,7 @@ class ZooModel(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"pooling={self.pooling!r}, embedding_dim={self.embedding_dim}, frozen_backbone={self._frozen}"
+        return f"pooling={self.pooling!r}, embedding_dim={self.embedding_dim}, frozen_backbone={self.backbone_frozen}"
 
 
 def _make_head(head: Any, dim: int, what: str) -> BaseHead:

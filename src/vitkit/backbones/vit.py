@@ -40,6 +40,8 @@ class VisionTransformer(nn.Module):
         self.num_register_tokens = c.num_register_tokens
         self.num_prefix_tokens = c.num_prefix_tokens
         self.grad_checkpointing = False
+        self.frozen = False
+        self._trainable: dict[str, bool] = {}
 
         self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, D, bias=c.patch_bias, **dd)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D, **dd)) if c.class_token else None
@@ -96,6 +98,26 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of storing its activations."""
         self.grad_checkpointing = enable
+
+    # ------------------------------------------------------------------------------------------ freeze
+    def freeze(self, frozen: bool = True) -> VisionTransformer:
+        """Freeze (or unfreeze) the backbone, the one way every model does it: no gradients, and eval mode
+        kept under ``.train()`` (no dropout, drop path or RoPE augmentation in a frozen backbone). Unfreezing
+        gives each parameter back the trainability it had (a fixed sin-cos table stays fixed)."""
+        if frozen and not self.frozen:
+            self._trainable = {n: p.requires_grad for n, p in self.named_parameters()}
+            self.requires_grad_(False)
+        elif not frozen and self.frozen:
+            for n, p in self.named_parameters():
+                p.requires_grad_(self._trainable.get(n, True))
+        self.frozen = bool(frozen)
+        if self.frozen:
+            self.eval()
+        return self
+
+    def train(self, mode: bool = True) -> VisionTransformer:
+        """As ``nn.Module.train``; a frozen backbone stays in eval mode."""
+        return super().train(mode and not self.frozen)
 
     # ------------------------------------------------------------------------------------ input check
     def check_input(self, x: torch.Tensor) -> tuple[int, int]:

@@ -17,6 +17,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from vitkit.apps.compose import compose
 from vitkit.errors import ConfigError
 
 __all__ = ["SourceConfig", "DetectorConfig", "ModelConfig", "PeaksConfig", "OutputConfig", "RayConfig", "FaultConfig",
@@ -235,21 +236,6 @@ def _check_tree_keys(d: Any, prefix: str = "", where: str = "") -> None:
 
 
 # ----------------------------------------------------------------------------------------------- load
-def _compose_file(path: Path, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(path.parent.resolve()), version_base=None):
-        return compose(config_name=path.stem, overrides=overrides)
-
-
-def _compose_packaged(name: str, overrides: list[str]):
-    from vitkit.apps.peaks.job import compose
-
-    return compose(overrides, config_name=f"stream/{name}")
-
-
 def packaged_configs() -> list[str]:
     """Names of the packaged stream configs (``vitkit/configs/stream/*.yaml``)."""
     d = Path(__file__).resolve().parent.parent / "configs" / "stream"
@@ -283,16 +269,16 @@ def load_stream_config(config: str | os.PathLike | dict | StreamConfig | None = 
         p = Path(config)
         name = os.fspath(config)
         if name in packaged_configs():
-            compose, where = (lambda ovs: _compose_packaged(name, ovs)), f"packaged config {name!r}"
+            where, config_name, config_dir = f"packaged config {name!r}", f"stream/{name}", None
         elif p.suffix in (".yaml", ".yml") and p.is_file():
-            compose, where = (lambda ovs: _compose_file(p, ovs)), str(p)
+            where, config_name, config_dir = str(p), p.stem, p.parent
         else:
             raise FileNotFoundError(f"stream config {name!r}: expected a packaged config name "
                                     f"({', '.join(packaged_configs())}) or an existing .yaml file; found neither.")
         # a file may leave keys to the schema's defaults: Hydra adds those with "+key=value"
-        present = set(_flat_keys(OmegaConf.to_container(compose([]), resolve=False)))
+        present = set(_flat_keys(OmegaConf.to_container(compose([], config_name, config_dir), resolve=False)))
         ovs = [ov if ov[0] in "+~" or ov.split("=", 1)[0].strip() in present else "+" + ov for ov in overrides]
-        raw = OmegaConf.to_container(compose(ovs), resolve=False)
+        raw = OmegaConf.to_container(compose(ovs, config_name, config_dir), resolve=False)
     _check_tree_keys(raw, where=where)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(StreamConfig), raw)

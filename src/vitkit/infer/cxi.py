@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vitkit.apps.peaks.io import cxi_peak_rows, cxi_result_group, temp_path
+from vitkit.apps.peaks.io import cxi_peak_rows, cxi_result_group
+from vitkit.atomic import commit, discard, temp_path
 from vitkit.errors import InputError
 
 __all__ = ["OrderedCXIWriter"]
@@ -180,19 +181,13 @@ class OrderedCXIWriter:
         self.flush_gap()
         self._f.flush()
         self._f.close()
-        fd = os.open(self.tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(self.tmp, self.path)
-        return self.path
+        return commit(self.tmp, self.path)
 
     def abort(self) -> None:
         """Close and delete the temporary file; the target is left as it was."""
         if getattr(self, "_f", None) is not None:
             self._f.close()  # closing a closed h5py file is a no-op
-        self.tmp.unlink(missing_ok=True)
+        discard(self.tmp)
 
     def summary(self) -> dict:
         return {"rows": self.rows, "peaks": self.peaks, "duplicates_dropped": self.duplicates, "gaps": self.gaps,

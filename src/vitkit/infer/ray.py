@@ -801,7 +801,7 @@ class StreamPipeline:
 
     # ------------------------------------------------------------------------------------------- finish
     def _finish(self) -> dict[str, Any]:
-        from vitkit.apps.peaks.job import write_json
+        from vitkit.atomic import write_json
 
         stages, limit = self._stages()
         c = self._source_counters()

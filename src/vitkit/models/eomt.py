@@ -9,7 +9,6 @@ that inference runs a plain ViT.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
@@ -25,6 +24,7 @@ from vitkit.backbones.vit import VisionTransformer
 from vitkit.errors import ConfigError
 from vitkit.kernels import bmm
 from vitkit.layers import LayerNorm2d
+from vitkit.weights.export import write_model_dir
 
 
 class ScaleBlock(nn.Module):
@@ -242,15 +242,9 @@ class EoMT(nn.Module):
     # ----------------------------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` (backbone + head config) and ``model.safetensors``."""
-        from vitkit.weights.io import save_safetensors
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         doc = {"model_type": "vitkit", "architecture": "EoMT", "backbone": self.encoder.config.to_dict(),
                "eomt": self.init_config}
-        (directory / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
-        save_safetensors(self.state_dict(), directory / "model.safetensors", metadata={"format": "vitkit_eomt"})
-        return directory
+        return write_model_dir(directory, doc, self.state_dict(), metadata={"format": "vitkit_eomt"})
 
     def load_weights(self, source: str | Path | dict):
         """Strictly load an EoMT checkpoint: HF directory weights, an official tue-mps Lightning

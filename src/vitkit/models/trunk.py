@@ -39,8 +39,10 @@ from vitkit.backbones.config import FAMILIES
 from vitkit.backbones.factory import create_backbone, from_pretrained
 from vitkit.backbones.presets import PRESETS, get_preset
 from vitkit.backbones.vit import VisionTransformer
+from vitkit.dtypes import parse_dtype
 from vitkit.errors import ConfigError, InputError
 from vitkit.layers import LayerNorm2d, PatchEmbed, resample_patch_embed
+from vitkit.layers.precision import cast_for_inference
 from vitkit.weights.loading import load_weights
 
 STRIDE = 16  # the ViT token grid every pyramid level is derived from
@@ -57,30 +59,7 @@ ENCODER_TYPES: dict[str, tuple[str, ...]] = {
     "auto": FAMILIES,
 }
 
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
-
-
 # ------------------------------------------------------------------------------------- backbones
-def _parse_dtype(force_dtype: str | torch.dtype | None, what: str = "force_dtype") -> torch.dtype | None:
-    if force_dtype is None or isinstance(force_dtype, torch.dtype):
-        if isinstance(force_dtype, torch.dtype) and force_dtype not in _DTYPES.values():
-            raise ConfigError(f"{what} {force_dtype} is not a float dtype; expected bf16, fp16 or fp32")
-        return force_dtype
-    key = str(force_dtype).lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        extra = ", 'input'" if what == "output_dtype" else ""
-        raise ConfigError(f"unknown {what} {force_dtype!r}; expected None{extra}, 'bf16', 'fp16' or 'fp32'")
-    return _DTYPES[key]
-
-
-def _parse_output_dtype(output_dtype: str | torch.dtype | None) -> torch.dtype | str | None:
-    """None (follow ``force_dtype``), ``"input"`` (the input's dtype) or a float dtype."""
-    if isinstance(output_dtype, str) and output_dtype.lower() == "input":
-        return "input"
-    return _parse_dtype(output_dtype, "output_dtype")
-
-
 def _is_checkpoint_ref(s: str | Path) -> bool:
     """A path on disk, or something shaped like a Hugging Face id (``org/name``)."""
     s = str(s)
@@ -230,8 +209,8 @@ class _ViTPyramid(nn.Module):
         if patch_mode not in ("resample", "resize"):
             raise ConfigError(f"unknown patch_mode {patch_mode!r}; expected 'resample' (patch embedding resampled "
                               f"to {STRIDE}x{STRIDE}) or 'resize' (input resized by patch/{STRIDE})")
-        self.force_dtype = _parse_dtype(force_dtype)
-        self.output_dtype = _parse_output_dtype(output_dtype)
+        self.force_dtype = parse_dtype(force_dtype, "force_dtype")
+        self.output_dtype = parse_dtype(output_dtype, "output_dtype", extra=("input",))  # None: follow force_dtype
         grid = None
         if img_size is not None:
             h, w = (int(img_size), int(img_size)) if isinstance(img_size, int) else (int(v) for v in img_size)
@@ -271,11 +250,9 @@ class _ViTPyramid(nn.Module):
         self.freeze_vit = freeze_vit
         self._logged_shape: tuple[int, ...] | None = None
         if freeze_vit:
-            vit.requires_grad_(False)
-            vit.eval()
+            vit.freeze()  # no gradients; eval mode kept under .train()
             if self.force_dtype is not None:  # frozen: cast the weights once instead of autocasting every call
-                for p in vit.parameters():  # parameters only: buffers (RoPE periods) stay float32
-                    p.data = p.data.to(self.force_dtype)
+                cast_for_inference(vit, self.force_dtype)  # vitkit's one policy: norms, positions, RoPE stay fp32
 
     @staticmethod
     def _stride_names(div: int) -> str:
@@ -285,13 +262,6 @@ class _ViTPyramid(nn.Module):
     def _encoder_for(family: str) -> str:
         exact = next((k for k, v in ENCODER_TYPES.items() if v == (family,)), None)
         return exact or next((k for k, v in ENCODER_TYPES.items() if family in v and k != "auto"), "auto")
-
-    def train(self, mode: bool = True):
-        """As ``nn.Module.train``, but a frozen ViT stays in eval mode (no dropout / drop-path noise)."""
-        super().train(mode)
-        if self.freeze_vit:
-            self.vit.eval()
-        return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the ViT blocks in the backward pass (saves activation memory)."""
@@ -345,7 +315,7 @@ class _ViTPyramid(nn.Module):
         if dtype is not None:
             if dtype == torch.float32:  # fp32 ViT even inside an outer autocast region
                 x, ctx = x.float(), torch.autocast(x.device.type, enabled=False)
-            elif next(self.vit.parameters()).dtype == dtype:  # frozen ViT, weights cast once
+            elif self.vit.patch_embed.proj.weight.dtype == dtype:  # frozen ViT, weights cast once
                 # an enclosing autocast of another dtype (SAM2 training's bf16 AMP) would hand these weights
                 # activations of its own dtype: the ViT runs in force_dtype, outside it
                 x, ctx = x.to(dtype), torch.autocast(x.device.type, enabled=False)

@@ -8,19 +8,26 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vitkit.atomic import write_json
 from vitkit.weights.io import save_safetensors
+
+
+def write_model_dir(directory: str | Path, config: dict, state_dict: dict[str, torch.Tensor],
+                    metadata: dict[str, str]) -> Path:
+    """A model directory: ``config.json`` and ``model.safetensors``, each written atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(directory / "config.json", config)
+    save_safetensors(state_dict, directory / "model.safetensors", metadata=metadata)
+    return directory
 
 
 def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     """Write ``config.json`` and ``model.safetensors`` (the config is also in the file's metadata)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     cfg = model.config.to_dict()
     doc = {"model_type": "vitkit", "architecture": type(model).__name__, "config": cfg}
-    (directory / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
-    save_safetensors(model.state_dict(), directory / "model.safetensors",
-                     metadata={"format": "vitkit", "vitkit_config": json.dumps(cfg)})
-    return directory
+    return write_model_dir(directory, doc, model.state_dict(),
+                           metadata={"format": "vitkit", "vitkit_config": json.dumps(cfg)})
 
 
 def to_meta_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

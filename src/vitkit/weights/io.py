@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from vitkit.atomic import atomic_path
 from vitkit.errors import CheckpointError, CheckpointNotFoundError
 
 # Containers that wrap a state dict in training checkpoints, tried in this order.
@@ -325,6 +326,8 @@ def find_weights_file(directory: Path) -> Path:
 
 
 def save_safetensors(sd: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a state dict as safetensors, atomically (:mod:`vitkit.atomic`)."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(path), metadata=metadata)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp), metadata=metadata)

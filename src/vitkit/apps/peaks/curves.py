@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
+
+from vitkit.atomic import atomic_path
 
 
 def plot_curves(metrics_csv: Path, out_png: Path) -> Path | None:
@@ -42,8 +43,9 @@ def plot_curves(metrics_csv: Path, out_png: Path) -> Path | None:
             ax.set_yscale("log")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = out_png.with_name(out_png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    try:
+        with atomic_path(out_png) as tmp, open(tmp, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)
     return out_png

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from vitkit.apps.peaks.detector import Detector
+from vitkit.atomic import atomic_path
 from vitkit.errors import InputError
 
 __all__ = ["draw_detector"]
@@ -41,8 +42,6 @@ def draw_detector(detector: Detector, path: str | os.PathLike, image=None, peaks
     from matplotlib.collections import PatchCollection
     from matplotlib.figure import Figure
     from matplotlib.patches import Circle, Polygon
-
-    from vitkit.apps.peaks.io import _atomic
 
     det = detector
     mm0 = 1e3 / det.panels[0].res  # mm per (first panel's) pixel
@@ -102,7 +101,7 @@ def draw_detector(detector: Detector, path: str | os.PathLike, image=None, peaks
                  f"from the first pixel)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             fig.savefig(f, format="png", dpi=dpi)
     return Path(path)

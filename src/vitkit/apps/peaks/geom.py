@@ -76,6 +76,7 @@ from typing import Any
 import numpy as np
 
 from vitkit.apps.peaks.detector import _HC_EV_M, BadRegion, Detector, GeometryError, Panel
+from vitkit.atomic import write_text
 
 __all__ = ["read_geom", "parse_geom", "write_geom", "format_geom", "detector_table", "GeometryWarning",
            "IGNORED_KEYS", "IGNORED_KEYS_WARN"]
@@ -872,12 +873,7 @@ def write_geom(detector: Detector, path: str | os.PathLike, layout: str = "slab"
     ``layout="stack"`` as a psana panel stack ``[P, H, W]`` (per panel ``dim1 = index``, ``dim2 = ss``,
     ``dim3 = fs``, module-relative ``min/max_ss``).
     """
-    from vitkit.apps.peaks.io import _atomic
-
-    text = format_geom(detector, layout=layout)
-    with _atomic(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
+    return write_text(path, format_geom(detector, layout=layout))
 
 
 # ------------------------------------------------------------------------------------------- summary

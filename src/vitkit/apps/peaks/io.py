@@ -35,8 +35,7 @@ Writers
     after everything was written, so an interrupted run leaves either the old target or nothing, never a
     half-written one (temporary files are removed on errors; a killed process may leave a hidden
     ``.NAME.tmp-HOST-PID-*`` entry behind, never the target, and the next write of ``NAME`` on that host deletes
-    it once its process is gone: :func:`temp_path`). Replacing an existing zarr folder takes two renames
-    (old -> backup, new -> target); the target is missing only between them.
+    it once its process is gone). Every writer goes through :mod:`vitkit.atomic`.
 
 Peak coordinates are ``(y, x)`` in NumPy's pixel-centre convention (the centre of pixel ``[i, j]`` is
 ``(i, j)``), which is what the CXI ``peakXPosRaw`` (fast scan, x) / ``peakYPosRaw`` (slow scan, y) arrays hold
@@ -45,21 +44,17 @@ for Cheetah and CrystFEL (CrystFEL adds the half-pixel shift to its corner conve
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import glob as globmod
 import json
 import os
-import re
-import shutil
-import socket
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vitkit.atomic import atomic_path
 from vitkit.errors import InputError, VitkitError
 
 __all__ = [
@@ -673,86 +668,6 @@ def read_frames(paths_or_glob, key: str | None = None, label_key: str | bool | N
 
 
 # ------------------------------------------------------------------------------------------------ writers
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "localhost"
-
-
-def _tmp_name(path: Path, kind: str = "tmp") -> Path:
-    return path.with_name(f".{path.name}.{kind}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def temp_path(path: str | os.PathLike) -> Path:
-    """A fresh hidden temporary ``.NAME.tmp-HOST-PID-XXXXXXXX`` next to ``path`` (to be renamed onto it), after
-    deleting the temporaries of ``path`` that killed processes left behind.
-
-    Only entries named for ``path`` by a process on this host that no longer runs are deleted (a temporary of
-    another host, e.g. on a shared file system, or of a running process is never touched), so re-running an
-    interrupted command cleans up after the killed run instead of piling up its partial files.
-    """
-    path = Path(path)
-    stale = re.compile(rf"^\.{re.escape(path.name)}\.(tmp|old)-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{{8}}$")
-    if path.parent.is_dir():
-        for e in os.scandir(path.parent):
-            m = stale.match(e.name)
-            if m and m.group("host") == _host() and int(m.group("pid")) != os.getpid() \
-                    and not _running(int(m.group("pid"))):
-                _remove(Path(e.path))
-    return _tmp_name(path)
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-
-
-def _fsync(p: Path) -> None:
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _atomic(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; move it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        yield tmp
-        if not is_dir:
-            _fsync(tmp)
-            os.replace(tmp, path)
-        elif not path.exists() and not path.is_symlink():
-            os.replace(tmp, path)
-        else:  # a folder cannot be renamed over a non-empty one: old -> backup, new -> target, drop backup
-            backup = _tmp_name(path, "old")
-            os.replace(path, backup)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(backup, path)
-                raise
-            _remove(backup)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
 def _frames_array(images, what: str) -> np.ndarray:
     a = np.asarray(images)
     if a.ndim == 2:
@@ -817,7 +732,7 @@ def write_zarr(path: str | os.PathLike, images, labels=None, metadata: dict | Se
                                                                 shuffle=numcodecs.Blosc.SHUFFLE)}
     else:
         comp = {"compressors": zarr.codecs.BloscCodec(cname="zstd", clevel=clevel, shuffle="shuffle")}
-    with _atomic(path, is_dir=True) as tmp:
+    with atomic_path(path) as tmp:
         g = zarr.open_group(str(tmp), mode="w", zarr_format=zarr_format)
         a = g.create_array("images", shape=imgs.shape, chunks=(1, h, w), dtype="float32",
                            config={"write_empty_chunks": True}, **comp)
@@ -904,7 +819,7 @@ def write_cxi(path: str | os.PathLike, peaks_per_frame: Sequence, frames=None, m
         npk[i] = len(t)
         for name, field in CXI_PEAK_COLUMNS:
             cols[name][i, :len(t)] = np.nan_to_num(t[field], nan=0.0)
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             r = cxi_result_group(f)
             r.create_dataset("nPeaks", data=npk)
@@ -968,7 +883,7 @@ def write_csv(path: str | os.PathLike, peaks_per_frame: Iterable) -> Path:
     def fmt(v) -> str:
         return "" if v != v else f"{v:.9g}"
 
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as f:
             wr = csv.writer(f)
             wr.writerow(CSV_COLUMNS)
@@ -1038,7 +953,7 @@ def save_overlay_png(path: str | os.PathLike, frame, peaks, true_peaks=None, rad
     ax.set_ylim(h - 0.5, -0.5)
     if title:
         fig.suptitle(title, fontsize=9)
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             fig.savefig(f, format="png", dpi=dpi)
     return Path(path)

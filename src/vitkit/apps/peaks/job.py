@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -12,29 +10,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitkit.apps.compose import compose
 from vitkit.apps.peaks.finder import MODEL_CONFIG_KEY, PeakFinder, load_model
+from vitkit.atomic import write_json, write_text
 
 __all__ = ["compose", "train", "predict", "evaluate", "truth_of", "load_model", "PeakFinder",
            "format_metrics", "write_json", "event_of", "MODEL_CONFIG_KEY"]
 
 # ---------------------------------------------------------------------------------------- config
-def compose(overrides: list[str] | None = None, config_name: str = "train"):
-    """The packaged Hydra config with command-line style overrides (``key=value``, ``group=option``).
-    Another Hydra context that is open (e.g. sam2's, opened on import) is restored afterwards."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
-
-    backup = get_gh_backup()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module(config_module="vitkit.configs", version_base=None):
-            return hydra_compose(config_name=config_name, overrides=list(overrides or []))
-    finally:
-        restore_gh_from_backup(backup)
-
-
 def build_strategy(strategy: Any, options: dict | None = None):
     """``"fsdp"`` -> :class:`FSDP2Strategy` (FSDP2 units on vitkit's Block, sharded checkpoints; CPU
     and GPU) with ``options``; any other Lightning strategy name passes through unchanged."""
@@ -202,6 +185,7 @@ def train(cfg) -> Path:
     from vitkit.apps.peaks.curves import plot_curves
     from vitkit.apps.peaks.datamodule import PeakDataModule
     from vitkit.tasks.train import SegmentationModule
+    from vitkit.tasks.train.checkpoint import AtomicCheckpointIO  # every checkpoint renamed into place
 
     resume_ckpt = None
     if cfg.resume:
@@ -214,7 +198,7 @@ def train(cfg) -> Path:
     else:
         run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
@@ -255,38 +239,19 @@ def train(cfg) -> Path:
             state[1] = rng["numpy"].numpy().astype(np.uint32)
             np.random.set_state(tuple(state))
 
-    class AtomicCheckpoint(ModelCheckpoint):
-        """Checkpoints are written to a temporary file and renamed: a kill never leaves half a file."""
-
-        def _save_checkpoint(self, trainer, filepath):
-            tmp = f"{filepath}.tmp"
-            trainer.save_checkpoint(tmp, self.save_weights_only)  # collective; ends with a barrier
-            if trainer.is_global_zero:
-                if os.path.isdir(tmp):  # sharded: swap whole directories
-                    old = f"{filepath}.old"
-                    if os.path.exists(filepath):
-                        os.replace(filepath, old)
-                    os.replace(tmp, filepath)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(tmp, filepath)
-            trainer.strategy.barrier("vitkit.AtomicCheckpoint")
-            self._last_global_step_saved = trainer.global_step
-            self._last_checkpoint_saved = filepath
-
     trainer_kw = OmegaConf.to_container(cfg.trainer, resolve=True)
     options = trainer_kw.pop("strategy_options", None)
     trainer_kw["strategy"] = build_strategy(trainer_kw.get("strategy", "auto"), options)
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
         Provenance(),
-        AtomicCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/pixel_iou", mode="max", save_last=True,
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/pixel_iou", mode="max", save_last=True,
                          save_on_train_epoch_end=True),
         TQDMProgressBar(refresh_rate=max(1, int(os.environ.get("VITKIT_PROGRESS_REFRESH", 1)))),
         LearningRateMonitor(logging_interval="step"),  # logs/metrics.csv: lr-AdamW/pg<i> per parameter group
     ]
     trainer = L.Trainer(default_root_dir=str(run_dir), logger=CSVLogger(str(run_dir), name="logs", version=""),
-                        callbacks=callbacks, deterministic=True, **trainer_kw)
+                        callbacks=callbacks, deterministic=True, plugins=[AtomicCheckpointIO()], **trainer_kw)
     trainer.fit(module, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
     from torch.distributed.fsdp import FSDPModule
 
@@ -316,10 +281,3 @@ def train(cfg) -> Path:
         print("held-out frames:\n" + format_metrics(metrics))
     return run_dir
 
-
-def write_json(path: Path, obj: dict) -> None:
-    """Atomic JSON write (a hidden temporary renamed onto ``path``, as the CXI/CSV writers do)."""
-    from vitkit.apps.peaks.io import _atomic
-
-    with _atomic(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")

@@ -18,18 +18,9 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from vitkit.dtypes import parse_dtype
 from vitkit.layers.block import Block
-
-_DTYPES = {None: None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
-
-
-def _dtype(name: str | torch.dtype | None, what: str) -> torch.dtype | None:
-    if isinstance(name, torch.dtype) or name is None:
-        return name
-    if name not in _DTYPES:
-        raise ValueError(f"{what}={name!r}: use one of {sorted(k for k in _DTYPES if k)}")
-    return _DTYPES[name]
+from vitkit.tasks.train.checkpoint import save_sharded_atomically
 
 
 def shard_model(model: torch.nn.Module, mesh, param_dtype=None, reduce_dtype=None,
@@ -45,8 +36,8 @@ def shard_model(model: torch.nn.Module, mesh, param_dtype=None, reduce_dtype=Non
 
     if isinstance(model, FSDPModule):
         return model  # configure_model may run again (fit, then validate)
-    param_dtype = _dtype(param_dtype, "param_dtype")
-    reduce_dtype = _dtype(reduce_dtype, "reduce_dtype") or (torch.float32 if param_dtype is not None else None)
+    param_dtype = parse_dtype(param_dtype, "param_dtype")
+    reduce_dtype = parse_dtype(reduce_dtype, "reduce_dtype") or (torch.float32 if param_dtype is not None else None)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     if not blocks:
@@ -84,8 +75,8 @@ class FSDP2Strategy(ModelParallelStrategy):
     def __init__(self, param_dtype: str | None = None, reduce_dtype: str | None = None,
                  activation_checkpointing: bool = False, sharded_checkpoint: bool = True, **kwargs: Any):
         super().__init__(save_distributed_checkpoint=sharded_checkpoint, **kwargs)
-        self.param_dtype = _dtype(param_dtype, "param_dtype")
-        self.reduce_dtype = _dtype(reduce_dtype, "reduce_dtype")
+        self.param_dtype = parse_dtype(param_dtype, "param_dtype")
+        self.reduce_dtype = parse_dtype(reduce_dtype, "reduce_dtype")
         self.activation_checkpointing = activation_checkpointing
 
     def _setup_distributed(self) -> None:
@@ -101,6 +92,15 @@ class FSDP2Strategy(ModelParallelStrategy):
     @property
     def sharded_checkpoint(self) -> bool:
         return self._save_distributed_checkpoint
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """As Lightning's, atomically: a sharded folder under a temporary name renamed onto ``filepath`` when
+        every rank wrote its shard; a full checkpoint through the ``CheckpointIO`` (``AtomicCheckpointIO``)."""
+        if not self.sharded_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        save_sharded_atomically(self, lambda tmp: super(FSDP2Strategy, self).save_checkpoint(
+            checkpoint, tmp, storage_options), filepath)
+        return None
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
