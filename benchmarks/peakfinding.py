@@ -78,6 +78,19 @@ def truth_table(shot) -> np.ndarray:
     return np.concatenate(rows) if rows else np.zeros((0, 4))
 
 
+def run_hot_mask(events: list, good: np.ndarray, unit: np.ndarray, level: float = 10.0,
+                 freq: float = 0.5) -> np.ndarray:
+    """Cheetah's automatic hot-pixel mask (``useAutoHotpixel``/``hotpixFreq``) from calibration events: a good pixel
+    reading more than ``level`` photons above its panel's median in at least ``freq`` of the events is bad for the
+    run. Bragg spots of randomly oriented crystals do not come back to the same pixel shot after shot; stuck and
+    hot pixels, single or in clusters, do. Returns the augmented good mask ``[P, H, W]``."""
+    hits = np.zeros(good.shape, dtype=np.int32)
+    for ev in events:
+        med = np.array([np.median(ev[k][good[k]]) if good[k].any() else 0.0 for k in range(len(ev))])
+        hits += (ev - med[:, None, None]) > level * unit[:, None, None]
+    return good & (hits < freq * len(events))
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``FIELD=VALUE`` pairs (VALUE in YAML) as LatticeConfig keyword arguments; lists become tuples."""
     import yaml
@@ -165,6 +178,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--nproc", type=int, default=2, help="DIALS worker processes (default 2)")
     ap.add_argument("--reps", type=int, default=2, help="timing repetitions per event (best kept; default 2)")
     ap.add_argument("--no-dials", action="store_true", help="skip the DIALS indexing")
+    ap.add_argument("--no-hot-mask", action="store_true",
+                    help="skip the rows with a run hot-pixel mask (Cheetah's automatic one, from the calibration "
+                         "shots) added to both finders")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="LatticeConfig override for calibration and test shots (repeatable), e.g. "
                          "--set intensity_scale=[5,300]; values are YAML")
@@ -192,6 +208,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     good = test[0].good
     same_mask = all(np.array_equal(s.good, good) for s in test)
 
+    hot_good = None
+    if not args.no_hot_mask:
+        unit = det.photon_adu()
+        hot_good = run_hot_mask([s.images for s in calib], good, np.ones(n_p) if unit is None else unit)
+        print(f"run hot-pixel mask from the {len(calib)} calibration shots: {int((good & ~hot_good).sum())} more "
+              f"bad pixels ({int((~good).sum())} in the supplied mask)")
     finders: dict[str, dict[str, Any]] = {}
     found: dict[str, list] = {}
     finders["truth"] = {"status": "ok", "note": "the simulator's true visible spots"}
@@ -211,6 +233,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                                                           grid.items()},
                                   "tuning_trials": trials, "timing": timing}
         found["peakfinder8"] = res
+        if hot_good is not None:
+            calib_hot = [(s.images, hot_good) for s in calib]
+            best_h, trials_h = pf8.tune_pf8(calib_hot, truth_calib, grid, detector=det, radius=args.radius,
+                                            weak=weak_calib)
+            print(f"peakfinder8 + run hot mask tuned: {best_h}  calibration F1 {trials_h[0]['peak_f1']:.3f}")
+            res, timing = time_finder(lambda ev: pf8.pf8_find(det, ev, hot_good, best_h), events, reps=args.reps)
+            finders["peakfinder8 + hot mask"] = {"status": "ok", "params": best_h.__dict__, "timing": timing,
+                                                 "tuning_trials": trials_h[:10]}
+            found["peakfinder8 + hot mask"] = res
     else:
         finders["peakfinder8"] = {"status": f"skipped: {why}"}
         print(f"peakfinder8 skipped: {why}")
@@ -232,6 +263,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             res, timing = time_finder(lambda ev: finder(ev[None])[0], events, reps=args.reps)
             finders["vitkit"] = {"status": "ok", "run": str(args.run), "timing": timing}
             found["vitkit"] = res
+            if hot_good is not None:
+                finder_h = PeakFinder.from_run(args.run, geometry=det, mask=hot_good)
+                res, timing = time_finder(lambda ev: finder_h(ev[None])[0], events, reps=args.reps)
+                finders["vitkit + hot mask"] = {"status": "ok", "run": str(args.run), "timing": timing}
+                found["vitkit + hot mask"] = res
 
     for name, tabs in found.items():
         finders[name]["peaks"] = score(tabs, truth_test, n_p, args.radius, weak_test)
