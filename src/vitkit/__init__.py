@@ -7,13 +7,9 @@ Public API::
     feats = bb.forward_features(x)
 """
 
+from vitkit.api import from_pretrained
 from vitkit.backbones import PRESETS, VisionTransformer, ViTConfig, get_preset, list_models
-from vitkit.backbones.factory import (
-    create_backbone,
-    create_dinov2_encoder,
-    create_dinov2_encoder_legacy,
-    from_pretrained,
-)
+from vitkit.backbones.factory import create_backbone, create_dinov2_encoder, create_dinov2_encoder_legacy
 from vitkit.backbones.presets import vit_base_config, vit_giant_config, vit_large_config, vit_small_config
 from vitkit.errors import (
     CheckpointError,

@@ -51,7 +51,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from vitkit.backbones.factory import create_backbone, from_pretrained
+    from vitkit.api import from_pretrained
+    from vitkit.backbones.factory import create_backbone
     from vitkit.weights import save_pretrained
 
     src = Path(args.src)

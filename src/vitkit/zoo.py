@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -41,7 +40,7 @@ import torch
 from torch import nn
 
 from vitkit.backbones.config import ViTConfig
-from vitkit.backbones.factory import create_backbone, from_pretrained
+from vitkit.backbones.factory import backbone_from_pretrained, create_backbone
 from vitkit.backbones.presets import PRESETS, get_preset
 from vitkit.backbones.vit import VisionTransformer
 from vitkit.errors import ConfigError, InputError, WeightsNotFoundError
@@ -181,9 +180,6 @@ def _translate_config_kwargs(config_kwargs: Mapping[str, Any] | None) -> dict[st
 
 
 # ------------------------------------------------------------------------------------------- loading
-_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 def _resolve_name(name: str | Path) -> tuple[str, Any]:
     """``("path", Path)`` for an existing file/directory, ``("preset", name)``, or ``("hf", id)``."""
     p = Path(name).expanduser()
@@ -191,7 +187,7 @@ def _resolve_name(name: str | Path) -> tuple[str, Any]:
         return "path", p
     if str(name) in PRESETS:
         return "preset", str(name)
-    if isinstance(name, str) and _HF_ID.match(name):
+    if hub.is_hf_id(name):
         return "hf", name
     raise ConfigError(f"model_name {str(name)!r} is not an existing file or directory, a vitkit preset "
                       f"(vitkit.list_models()) or a Hugging Face model id (org/name)")
@@ -231,7 +227,7 @@ def _config_from_path(path: Path) -> ViTConfig:
         return ViTConfig.from_dict(doc["config"])
     if mt in ("eomt", "eomt_dinov3") or doc.get("architecture") == "EoMT":
         raise ConfigError(f"{path} is an EoMT segmenter, not a backbone; load it with vitkit.from_pretrained")
-    return hf_to_vit_config(doc, _weight_keys(path, doc))
+    return ViTConfig.from_dict(hf_to_vit_config(doc, _weight_keys(path, doc)))
 
 
 def _preset_config_for_hf(hf_id: str) -> ViTConfig | None:
@@ -287,15 +283,12 @@ def _load_backbone(name: str | Path, cls: type[VisionTransformer], load_pretrain
                 from vitkit.weights.io import find_weights_file
 
                 find_weights_file(path)  # a config without weights: say so before building anything
-            model = from_pretrained(path, **overrides)
+            model = backbone_from_pretrained(path, **overrides)
     except WeightsNotFoundError as e:
         raise WeightsNotFoundError(str(e) + hint) from e
     except FileNotFoundError as e:
         raise WeightsNotFoundError(f"pretrained weights for {str(name)!r} were requested but not found: {e}."
                                    + hint) from e
-    if not isinstance(model, VisionTransformer):
-        raise ConfigError(f"{name} holds a {type(model).__name__}, not a backbone; build_model needs a ViT backbone "
-                          f"checkpoint")
     if cls is not VisionTransformer:  # a user subclass: same architecture, same tensors, strictly
         sub = cls(model.config)
         sub.load_state_dict(model.state_dict(), strict=True)

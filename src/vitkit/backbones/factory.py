@@ -18,6 +18,7 @@ from vitkit.backbones.presets import (
 from vitkit.backbones.vit import VisionTransformer
 from vitkit.errors import CheckpointNotFoundError, ConfigError, WeightsNotFoundError
 from vitkit.weights import hub
+from vitkit.weights.eomt import is_eomt_config
 from vitkit.weights.hf import hf_to_vit_config
 from vitkit.weights.io import read_json, read_state_dict
 from vitkit.weights.loading import infer_config, load_weights, read_and_convert
@@ -132,22 +133,23 @@ def _config_from_checkpoint(source: Path, num_heads: int | None = None) -> dict[
         if doc.get("model_type") == "vitkit":
             return dict(doc["config"])
         keys = set(read_state_dict(source)[0])
-        return {k: v for k, v in hf_to_vit_config(doc, keys).__dict__.items()}
+        return hf_to_vit_config(doc, keys)
     sd, fmt, _, stored, _ = read_and_convert(source)
     return infer_config(sd, fmt, stored, num_heads)  # heads are not in the weights: the caller's, if given
 
 
-def from_pretrained(path_or_id: str | Path, **overrides: Any):
-    """Load a model from a directory (config.json + weights), a checkpoint file, or an HF model id.
+def backbone_from_pretrained(path_or_id: str | Path, **overrides: Any) -> VisionTransformer:
+    """A backbone from a directory (config.json + weights), a checkpoint file, or an HF model id (eval mode).
 
     The family is read from ``config.json`` (``model_type`` dinov2, dinov2_with_registers, dinov3_vit,
-    ijepa, clip / clip_vision_model, vit, deit, eomt, or vitkit's own). A checkpoint file without a
+    ijepa, clip / clip_vision_model, vit, deit, or vitkit's own). A checkpoint file without a
     config has its architecture inferred from its keys. ``overrides`` (e.g. ``img_size``, ``in_chans``)
-    are applied before the weights are loaded (and adapted).
+    are applied before the weights are loaded (and adapted). An EoMT directory raises :class:`ConfigError`
+    (``vitkit.from_pretrained`` loads those).
     """
     path = Path(path_or_id)
     if not path.exists():
-        if "/" in str(path_or_id) and not str(path_or_id).startswith((".", "/")):
+        if hub.is_hf_id(str(path_or_id)):
             path = hub.resolve_hf(str(path_or_id))
         else:
             raise CheckpointNotFoundError(f"{path_or_id} is neither an existing path nor a Hugging Face model id "
@@ -163,17 +165,16 @@ def from_pretrained(path_or_id: str | Path, **overrides: Any):
         raise CheckpointNotFoundError(f"{path} has no config.json; pass a checkpoint file instead, or use "
                                       f"create_backbone(name, pretrained='{path}/<file>')")
     doc = read_json(cfg_file)
-    if doc.get("model_type") in ("eomt", "eomt_dinov3") or doc.get("architecture") == "EoMT":
-        from vitkit.models.eomt import EoMT  # noqa: PLC0415 - optional heavy import
-
-        return EoMT.from_pretrained(path, **overrides)
+    if is_eomt_config(doc):
+        raise ConfigError(f"{path} is an EoMT segmenter, not a backbone; load it with vitkit.from_pretrained (its "
+                          f"backbone is model.encoder)")
     weights = _dir_weights(path)
     if doc.get("model_type") == "vitkit":
         cfg = ViTConfig.from_dict(doc["config"]).replace(**overrides) if overrides else ViTConfig.from_dict(
             doc["config"])
     else:
         keys = set(read_state_dict(weights)[0])
-        cfg = hf_to_vit_config(doc, keys)
+        cfg = ViTConfig.from_dict(hf_to_vit_config(doc, keys))
         if overrides:
             cfg = cfg.replace(**overrides)
     model = VisionTransformer(cfg)

@@ -13,23 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from vitkit.errors import VitkitError
 from vitkit.infer.config import StreamConfig, load_stream_config
+from vitkit.infer.errors import RayNotInstalledError, StreamError
 
 __all__ = ["StreamConfig", "load_stream_config", "RayNotInstalledError", "StreamError", "run_stream",
            "StreamPipeline"]
 
 
-class RayNotInstalledError(VitkitError, ImportError):
-    """Ray is needed (streaming inference) but not installed."""
-
-
-class StreamError(VitkitError, RuntimeError):
-    """A streaming run cannot go on (all model actors lost, a batch failed too often, resources missing)."""
-
-
 def __getattr__(name: str) -> Any:
-    if name in ("run_stream", "StreamPipeline"):
+    if name in ("run_stream", "StreamPipeline"):  # Ray is optional: imported on first use
         from vitkit.infer import ray as _ray
 
         return getattr(_ray, name)

@@ -65,7 +65,7 @@ from typing import Any
 
 import numpy as np
 
-from vitkit.infer import RayNotInstalledError, StreamError
+from vitkit.infer.errors import RayNotInstalledError, StreamError
 
 try:
     import ray

@@ -19,12 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vitkit.backbones.config import ViTConfig
 from vitkit.backbones.factory import create_backbone, create_dinov2_encoder, legacy_dinov2_config
 from vitkit.backbones.vit import VisionTransformer
 from vitkit.errors import ConfigError
 from vitkit.kernels import bmm
 from vitkit.layers import LayerNorm2d
+from vitkit.weights.eomt import eomt_configs, load_eomt_weights
 from vitkit.weights.export import write_model_dir
+from vitkit.weights.io import find_weights_file, read_json
 
 
 class ScaleBlock(nn.Module):
@@ -47,6 +50,16 @@ def mask_products(mask_embed: torch.Tensor, feats: torch.Tensor) -> torch.Tensor
     inference possibly one oneDNN GEMM per image against the pixels-major features, which the upscaler's
     LayerNorm2d leaves channels-last, so no copy is made)."""
     return bmm(mask_embed, feats.flatten(2)).unflatten(-1, feats.shape[-2:])
+
+
+def mask_stride_for(patch_size: int, n_blocks: int) -> int | None:
+    """The ``mask_stride`` that gives ``n_blocks`` ScaleBlocks (the inverse of :func:`num_upscale_blocks`;
+    None: the official rule's own count)."""
+    if n_blocks == num_upscale_blocks(patch_size, None):
+        return None
+    if patch_size % (2 ** n_blocks):
+        raise ConfigError(f"{n_blocks} upscale blocks with patch {patch_size} give no integer mask stride")
+    return patch_size // 2 ** n_blocks
 
 
 def num_upscale_blocks(patch_size: int, mask_stride: int | None) -> int:
@@ -253,8 +266,6 @@ class EoMT(nn.Module):
         The checkpoint's input normalisation (official checkpoints: ImageNet ``pixel_mean``/``pixel_std``)
         is adopted when the model was built without one (a warning and a line in the returned report say
         so); other values than the model's for the same channels raise ``CheckpointMismatchError``."""
-        from vitkit.weights.eomt import load_eomt_weights
-
         return load_eomt_weights(self, source)
 
     def set_pixel_normalisation(self, pixel_mean: list[float] | None, pixel_std: list[float] | None) -> None:
@@ -282,7 +293,15 @@ class EoMT(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides: Any) -> EoMT:
         """Load an EoMT from a vitkit EoMT directory or an HF ``EomtForUniversalSegmentation`` /
-        ``EomtDinov3ForUniversalSegmentation`` directory (strict)."""
-        from vitkit.weights.eomt import load_eomt_dir
-
-        return load_eomt_dir(Path(directory), **overrides)
+        ``EomtDinov3ForUniversalSegmentation`` directory (strict). ``overrides``: ViTConfig fields of the
+        encoder (e.g. ``img_size``) or EoMT arguments (e.g. ``masked_attn_enabled``)."""
+        directory = Path(directory)
+        vit, head = eomt_configs(read_json(directory / "config.json"))
+        if "num_upscale_blocks" in head:  # transformers' config: the mask stride those blocks give
+            head["mask_stride"] = mask_stride_for(vit["patch_size"], head.pop("num_upscale_blocks"))
+        fields = ViTConfig.__dataclass_fields__
+        vit.update({k: v for k, v in overrides.items() if k in fields})
+        head.update({k: v for k, v in overrides.items() if k not in fields})
+        model = cls(VisionTransformer(ViTConfig.from_dict(vit)), **head)
+        model.load_weights(find_weights_file(directory))
+        return model.eval()

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitkit.backbones.config import FAMILIES
-from vitkit.backbones.factory import create_backbone, from_pretrained
+from vitkit.backbones.factory import backbone_from_pretrained, create_backbone
 from vitkit.backbones.presets import PRESETS, get_preset
 from vitkit.backbones.vit import VisionTransformer
 from vitkit.dtypes import parse_dtype
@@ -138,11 +138,7 @@ def build_vit(backbone: str | Path | VisionTransformer | Mapping[str, Any] | Non
     if backbone_config:
         raise ConfigError(f"backbone config {sorted(backbone_config)} given with checkpoint {str(checkpoint)!r}, "
                           f"whose architecture is read from the checkpoint; use a preset name instead")
-    model = from_pretrained(checkpoint, **kw)
-    if not isinstance(model, VisionTransformer):
-        raise ConfigError(f"{str(checkpoint)!r} holds a {type(model).__name__}, not a ViT backbone; pass "
-                          f"its encoder (model.encoder) as backbone=")
-    return model.train()
+    return backbone_from_pretrained(checkpoint, **kw).train()
 
 
 def resample_to_patch(vit: VisionTransformer, patch_size: int = STRIDE) -> VisionTransformer:

@@ -11,9 +11,8 @@ from typing import Any
 
 import torch
 
-from vitkit.backbones.config import ViTConfig
 from vitkit.errors import CheckpointError, CheckpointMismatchError, ConfigError
-from vitkit.weights.io import find_weights_file, read_json, read_state_dict
+from vitkit.weights.io import read_state_dict
 from vitkit.weights.loading import LoadReport, load_weights
 
 # EoMT head keys (vitkit names follow the official repository)
@@ -170,8 +169,13 @@ def load_eomt_weights(model, source: str | Path | dict) -> LoadReport:
     return report
 
 
-def _hf_eomt_configs(doc: dict[str, Any]) -> tuple[ViTConfig, dict[str, Any]]:
-    mt = doc["model_type"]
+def eomt_configs(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An EoMT directory's ``config.json`` (vitkit's, or transformers' ``eomt`` / ``eomt_dinov3``) as
+    ``(ViTConfig fields of the encoder, EoMT head arguments)``. A transformers config gives the head's
+    ``num_upscale_blocks`` (the model turns it into its ``mask_stride``)."""
+    if doc.get("architecture") == "EoMT":  # vitkit's own
+        return dict(doc["backbone"]), dict(doc["eomt"])
+    mt = doc.get("model_type")
     common = dict(embed_dim=doc["hidden_size"], depth=doc["num_hidden_layers"], num_heads=doc["num_attention_heads"],
                   img_size=doc.get("image_size", 640), patch_size=doc.get("patch_size", 16),
                   in_chans=doc.get("num_channels", 3), norm_eps=doc.get("layer_norm_eps", 1e-6),
@@ -180,50 +184,28 @@ def _hf_eomt_configs(doc: dict[str, Any]) -> tuple[ViTConfig, dict[str, Any]]:
                   drop_path_rate=doc.get("drop_path_rate", 0.0) or 0.0, mask_token=False,
                   act=doc.get("hidden_act", "gelu"))
     if mt == "eomt":
-        vit = ViTConfig(family="dinov2", mlp_ratio=doc.get("mlp_ratio", 4),
-                        ffn_layer="swiglu" if doc.get("use_swiglu_ffn") else "mlp",
-                        interpolate_offset=0.0, interpolate_antialias=True, **common)
+        vit = dict(family="dinov2", mlp_ratio=doc.get("mlp_ratio", 4),
+                   ffn_layer="swiglu" if doc.get("use_swiglu_ffn") else "mlp",
+                   interpolate_offset=0.0, interpolate_antialias=True, **common)
     elif mt == "eomt_dinov3":
         qb, kb, vb = doc.get("query_bias", True), doc.get("key_bias", False), doc.get("value_bias", True)
         rope = doc.get("rope_parameters") or {}
-        vit = ViTConfig(family="dinov3", mlp_hidden_dim=doc["intermediate_size"],
-                        ffn_layer="swiglu" if doc.get("use_gated_mlp") else "mlp", qkv_bias=qb or vb,
-                        mask_k_bias=(qb or vb) and not kb, proj_bias=doc.get("proj_bias", True),
-                        ffn_bias=doc.get("mlp_bias", True), pos_embed="none", rope=True,
-                        rope_base=rope.get("rope_theta", doc.get("rope_theta", 100.0)),
-                        rope_shift_coords=doc.get("pos_embed_shift"), rope_jitter_coords=doc.get("pos_embed_jitter"),
-                        rope_rescale_coords=doc.get("pos_embed_rescale"), **common)
+        vit = dict(family="dinov3", mlp_hidden_dim=doc["intermediate_size"],
+                   ffn_layer="swiglu" if doc.get("use_gated_mlp") else "mlp", qkv_bias=qb or vb,
+                   mask_k_bias=(qb or vb) and not kb, proj_bias=doc.get("proj_bias", True),
+                   ffn_bias=doc.get("mlp_bias", True), pos_embed="none", rope=True,
+                   rope_base=rope.get("rope_theta", doc.get("rope_theta", 100.0)),
+                   rope_shift_coords=doc.get("pos_embed_shift"), rope_jitter_coords=doc.get("pos_embed_jitter"),
+                   rope_rescale_coords=doc.get("pos_embed_rescale"), **common)
     else:
         raise ConfigError(f"model_type {mt!r} is not an EoMT config")
-    p, n_up = vit.patch_size, doc.get("num_upscale_blocks", 2)
-    from vitkit.models.eomt import num_upscale_blocks
-
-    if n_up == num_upscale_blocks(p, None):
-        stride = None
-    elif p % (2 ** n_up) == 0:
-        stride = p // 2 ** n_up
-    else:
-        raise ConfigError(f"{n_up} upscale blocks with patch {p} give no integer mask stride")
     # transformers omits num_labels/id2label at its default of 2 labels
     num_labels = len(doc.get("id2label") or {}) or doc.get("num_labels", 2)
-    head = dict(num_classes=num_labels, num_q=doc["num_queries"], num_blocks=doc["num_blocks"], mask_stride=stride)
+    head = dict(num_classes=num_labels, num_q=doc["num_queries"], num_blocks=doc["num_blocks"],
+                num_upscale_blocks=doc.get("num_upscale_blocks", 2))
     return vit, head
 
 
-def load_eomt_dir(directory: Path, **overrides: Any):
-    """Build and load an EoMT from an HF or vitkit directory."""
-    from vitkit.backbones.vit import VisionTransformer
-    from vitkit.models.eomt import EoMT
-
-    doc = read_json(directory / "config.json")
-    if doc.get("architecture") == "EoMT":
-        vit, head = ViTConfig.from_dict(doc["backbone"]), dict(doc["eomt"])
-    else:
-        vit, head = _hf_eomt_configs(doc)
-    backbone_over = {k: v for k, v in overrides.items() if k in ViTConfig.__dataclass_fields__}
-    head.update({k: v for k, v in overrides.items() if k not in backbone_over})
-    if backbone_over:
-        vit = vit.replace(**backbone_over)
-    model = EoMT(VisionTransformer(vit), **head)
-    load_eomt_weights(model, find_weights_file(directory))
-    return model.eval()
+def is_eomt_config(doc: dict[str, Any]) -> bool:
+    """Whether a ``config.json`` describes an EoMT segmenter (vitkit's or transformers')."""
+    return doc.get("model_type") in ("eomt", "eomt_dinov3") or doc.get("architecture") == "EoMT"

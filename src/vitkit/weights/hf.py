@@ -1,10 +1,11 @@
-"""Hugging Face ``config.json`` -> :class:`ViTConfig`, one small table per ``model_type``."""
+"""Hugging Face ``config.json`` -> ViTConfig fields (a dict), one small table per ``model_type``.
+
+Like every module of :mod:`vitkit.weights` this converts data only: it never imports the model classes."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from vitkit.backbones.config import ViTConfig
 from vitkit.errors import ConfigError
 
 HF_BACKBONE_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit", "ijepa", "vit", "deit", "clip",
@@ -23,8 +24,8 @@ def _act(cfg: dict[str, Any], default: str = "gelu") -> str:
     return {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "swish": "silu"}.get(act, act)
 
 
-def hf_to_vit_config(cfg: dict[str, Any], weight_keys: set[str] | None = None) -> ViTConfig:
-    """Translate a transformers config dict into a vitkit config.
+def hf_to_vit_config(cfg: dict[str, Any], weight_keys: set[str] | None = None) -> dict[str, Any]:
+    """Translate a transformers config dict into vitkit ``ViTConfig`` fields.
 
     ``weight_keys`` (the checkpoint's keys) decides things configs do not record, such as whether a
     CLIP checkpoint carries its visual projection.
@@ -71,4 +72,4 @@ def hf_to_vit_config(cfg: dict[str, Any], weight_keys: set[str] | None = None) -
         raise ConfigError(f"config.json model_type {mt!r} is not a supported backbone; supported: "
                           f"{', '.join(HF_BACKBONE_TYPES)} (and 'eomt' for vitkit.EoMT directories)")
     out["extra"] = {"weights_source": f"transformers model_type={mt}"}
-    return ViTConfig(**out)
+    return out

@@ -9,6 +9,7 @@ names the file and the directory to put it in.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from vitkit.errors import WeightsNotFoundError
@@ -51,6 +52,15 @@ def hf_snapshot(repo_id: str) -> Path | None:
             if (snap / "config.json").exists():
                 return snap
     return None
+
+
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hf_id(name: str | Path) -> bool:
+    """Whether ``name`` is shaped like a Hugging Face model id (``org/name``), the one check vitkit makes. A
+    path that exists on disk is a path, never an id."""
+    return isinstance(name, str) and bool(_HF_ID.match(name)) and not Path(name).exists()
 
 
 def resolve_hf(repo_id: str) -> Path:

@@ -50,15 +50,15 @@ def load_model(checkpoint: str | Path):
     """An EoMT from a training run: a run directory, a Lightning ``.ckpt`` or an exported model dir."""
     from hydra.utils import instantiate
 
-    import vitkit
+    from vitkit.models.eomt import EoMT
     from vitkit.tasks.train.distributed import is_sharded_checkpoint, load_full_state_dict
     from vitkit.weights.io import read_checkpoint
 
     path = Path(checkpoint)
     if path.is_dir() and (path / "model" / "config.json").exists():
-        return vitkit.from_pretrained(path / "model")
+        return EoMT.from_pretrained(path / "model")
     if path.is_dir() and (path / "config.json").exists():
-        return vitkit.from_pretrained(path)
+        return EoMT.from_pretrained(path)
     if path.is_dir() and not is_sharded_checkpoint(path):
         path = path / "checkpoints" / "last.ckpt"
     if not path.exists():

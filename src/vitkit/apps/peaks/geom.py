@@ -75,7 +75,7 @@ from typing import Any
 
 import numpy as np
 
-from vitkit.apps.peaks.detector import _HC_EV_M, BadRegion, Detector, GeometryError, Panel
+from vitkit.apps.peaks.panels import _HC_EV_M, BadRegion, Detector, GeometryError, Panel
 from vitkit.atomic import write_text
 
 __all__ = ["read_geom", "parse_geom", "write_geom", "format_geom", "detector_table", "GeometryWarning",
