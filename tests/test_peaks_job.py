@@ -291,7 +291,7 @@ def test_bf16_accumulation_clipping_and_cosine_run(tmp_path, monkeypatch):
     """The training knobs of the recipe, each observed during the run: every training step runs under bf16
     autocast; accumulation 2 gives one optimizer step per two batches; clipping brings the gradient norm seen by
     the optimizer to <= 0.5 (and some steps needed it); the learning rate follows linear warm-up then cosine decay.
-    The run logs no learning rate (no LearningRateMonitor in ``train``), so it is read from the optimizer."""
+    The learning rate is read from the optimizer at each step (logs/metrics.csv has it too: test_train_learns.py)."""
     import math
 
     from vitkit.apps.peaks.job import compose, train
