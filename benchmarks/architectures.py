@@ -385,12 +385,11 @@ class PanelPool:
     """``n`` training panels prepared once; crops drawn as ``CropDataset`` draws them for a lattice source.
 
     ``crop(key)`` equals ``CropDataset(source, crop, sigma, seed, peak_bias, uniform=True, ...)[key]`` of the
-    data module (same seeded placement: with probability ``peak_bias`` centred on a random true peak, anywhere
-    in its middle half, else uniform); ``batches()`` yields the batches its training loader yields (the
+    data module (its placement rule, :meth:`CropDataset.box`); ``batches()`` yields the batches its training loader yields (the
     ``EpochSeededSampler`` order, ``drop_last``)."""
 
     def __init__(self, data_cfg: dict[str, Any], seed: int, n: int, workers: int = 0, progress: bool = True):
-        from vitkit.apps.peaks.datamodule import PeakDataModule
+        from vitkit.apps.peaks.datamodule import CropDataset, PeakDataModule
 
         if data_cfg["source"] != "lattice":
             raise ValueError(f"the architectures benchmark trains on lattice panels, not data.source="
@@ -402,6 +401,9 @@ class PanelPool:
         self.detector, self.seed, self.n = dm.detector, seed, n
         self.crop_hw = tuple(data_cfg["crop"])
         self.peak_bias = float(data_cfg["peak_bias"])
+        # the data module's crop placement (peaks, hard negatives, else uniform), applied to the prepared panels
+        self.placer = CropDataset(None, self.crop_hw, 0.33, seed, self.peak_bias, True,
+                                  negative_bias=float(data_cfg.get("negative_bias", 0.0)))
         self.batch_size = int(data_cfg["batch_size"])
         prep = _PreparedPanels(dm.frames("train"), self.crop_hw, seed, self.peak_bias, self.detector)
         hp, wp = prep.shape
@@ -421,22 +423,12 @@ class PanelPool:
         return self.n
 
     def crop(self, key: int) -> dict[str, torch.Tensor]:
-        from vitkit.tasks.transforms import crop_at, random_crop_box
+        from vitkit.tasks.transforms import crop_at
 
         i = key % self.n
         H, W = self.crop_hw
-        hp, wp = self.images.shape[-2:]
-        g = torch.Generator().manual_seed(self.seed * 7_368_787 + key)
-        peaks = self.peaks[i]
-        u = float(torch.rand(1, generator=g))
-        if len(peaks) and u < self.peak_bias:
-            j = int(torch.randint(0, len(peaks), (1,), generator=g))
-            cy, cx = (float(v) for v in peaks[j, :2])
-            jy, jx = (torch.rand(2, generator=g) - 0.5).tolist()  # the peak anywhere in the middle half
-            top = int(round(min(max(cy - H / 2 + jy * H / 2, 0), hp - H)))
-            left = int(round(min(max(cx - W / 2 + jx * W / 2, 0), wp - W)))
-        else:
-            top, left = random_crop_box(hp, wp, H, W, g)
+        top, left = self.placer.box(key, self.images[i], self.labels[i], self.valid[i], self.peaks[i],
+                                    tuple(self.images.shape[-2:]))
         return {"image": crop_at(self.images[i], top, left, H, W),
                 "label": crop_at(self.labels[i], top, left, H, W).long(),
                 "valid": crop_at(self.valid[i], top, left, H, W)}

@@ -58,7 +58,7 @@ def test_pool_crops_are_the_data_modules_crops(cfg):
     pool = A.PanelPool(data, seed, n, progress=False)
     dm = PeakDataModule(**{**data, "seed": seed, "num_train": n})
     ref = CropDataset(dm.frames("train"), tuple(data["crop"]), data["polar_crop_sigma"], seed, data["peak_bias"], True,
-                      detector=dm.detector, lone_pixel_ratio=LONE_PIXEL_RATIO)
+                      detector=dm.detector, lone_pixel_ratio=LONE_PIXEL_RATIO, negative_bias=data["negative_bias"])
     for key in range(2 * n):
         a, b = pool.crop(key), ref[key]
         for k in ("image", "label", "valid"):

@@ -61,15 +61,19 @@ class CropDataset(Dataset):
     bad pixels 0) before it is cropped, so training crops see exactly what the model sees at inference.
     Crop placement: with ``sigma`` set, PeakNet's polar centre crop (single frames around the beam centre),
     except that with probability ``peak_bias`` the crop is centred on a random true peak (panels where peaks
-    are sparse); ``sigma=None`` (evaluation): a deterministic centre crop. Items are ``image`` [1, h, w]
+    are sparse) and with probability ``negative_bias`` on a random *hard negative*: a valid background pixel
+    brighter than ``negative_level`` in the normalised image (unmasked hot clusters, jet streaks, noise
+    clusters: what a finder must learn to leave alone and a random crop rarely shows); ``sigma=None``
+    (evaluation): a deterministic centre crop. Items are ``image`` [1, h, w]
     float32, ``label`` [h, w] int64 and ``valid`` [h, w] bool (False on bad pixels and padding: the loss
     ignores them).
     """
 
     def __init__(self, source, crop: tuple[int, int], sigma: float | None = 0.33, seed: int = 0,
                  peak_bias: float = 0.0, uniform: bool = False, weak_radius: float = 2.0, detector=None,
-                 lone_pixel_ratio: float | None = None):
+                 lone_pixel_ratio: float | None = None, negative_bias: float = 0.0, negative_level: float = 3.0):
         self.source, self.crop, self.sigma, self.seed = source, tuple(crop), sigma, seed
+        self.negative_bias, self.negative_level = negative_bias, negative_level
         self.lone_pixel_ratio = lone_pixel_ratio
         self.peak_bias, self.uniform, self.weak_radius = peak_bias, uniform, weak_radius
         self.unit = None if detector is None else detector.photon_adu()  # as PeakFinder normalises
@@ -96,25 +100,36 @@ class CropDataset(Dataset):
         H, W = self.crop
         h, w = image.shape[-2:]
         image, label, valid = pad_to(image, H, W), pad_to(label, H, W), pad_to(valid, H, W, value=False)
-        hp, wp = image.shape[-2:]
-        if self.sigma is None:  # evaluation: deterministic centre crop
-            top, left = (hp - H) // 2, (wp - W) // 2
-        else:
-            g = torch.Generator().manual_seed(self.seed * 7_368_787 + key)
-            peaks = item.get("peaks")
-            u = float(torch.rand(1, generator=g))
-            if peaks is not None and len(peaks) and u < self.peak_bias:
-                j = int(torch.randint(0, len(peaks), (1,), generator=g))
-                cy, cx = (float(v) for v in np.asarray(peaks)[j, :2])
-                jy, jx = (torch.rand(2, generator=g) - 0.5).tolist()  # the peak anywhere in the middle half
-                top = int(round(min(max(cy - H / 2 + jy * H / 2, 0), hp - H)))
-                left = int(round(min(max(cx - W / 2 + jx * W / 2, 0), wp - W)))
-            elif self.uniform:
-                top, left = random_crop_box(hp, wp, H, W, g)
-            else:
-                top, left = polar_center_crop_box(h, w, H, W, self.sigma, g)
+        top, left = self.box(key, image, label, valid, item.get("peaks"), (h, w))
         return {"image": crop_at(image, top, left, H, W), "label": (crop_at(label, top, left, H, W) > 0).long(),
                 "valid": crop_at(valid, top, left, H, W)}
+
+    def box(self, key: int, image: torch.Tensor, label: torch.Tensor, valid: torch.Tensor, peaks,
+            unpadded: tuple[int, int]) -> tuple[int, int]:
+        """Top-left corner of item ``key``'s crop in its padded, normalised ``image`` ``[1, hp, wp]`` (the
+        placement rule of the class docstring; ``unpadded`` is the frame's size before padding)."""
+        H, W = self.crop
+        hp, wp = image.shape[-2:]
+        if self.sigma is None:  # evaluation: deterministic centre crop
+            return (hp - H) // 2, (wp - W) // 2
+        g = torch.Generator().manual_seed(self.seed * 7_368_787 + key)
+        u = float(torch.rand(1, generator=g))
+        centre = None
+        if peaks is not None and len(peaks) and u < self.peak_bias:
+            j = int(torch.randint(0, len(peaks), (1,), generator=g))
+            centre = tuple(float(v) for v in np.asarray(peaks)[j, :2])
+        elif u >= 1.0 - self.negative_bias:
+            neg = torch.nonzero((image[0] > self.negative_level) & valid & (label == 0))
+            if len(neg):
+                centre = tuple(float(v) for v in neg[int(torch.randint(0, len(neg), (1,), generator=g))])
+        if centre is not None:
+            cy, cx = centre
+            jy, jx = (torch.rand(2, generator=g) - 0.5).tolist()  # the centre anywhere in the middle half
+            return (int(round(min(max(cy - H / 2 + jy * H / 2, 0), hp - H))),
+                    int(round(min(max(cx - W / 2 + jx * W / 2, 0), wp - W))))
+        if self.uniform:
+            return random_crop_box(hp, wp, H, W, g)
+        return polar_center_crop_box(unpadded[0], unpadded[1], H, W, self.sigma, g)
 
 
 def _disks(centres: np.ndarray, shape: tuple[int, int], radius: float) -> np.ndarray:
@@ -143,6 +158,8 @@ class PeakDataModule(L.LightningDataModule):
         frame_shape: synthetic frame size; crop: training crop (= the model's img_size).
         polar_crop_sigma: spread of the crop centre around the beam centre (PeakNet); None = centre crop.
         peak_bias: probability that a training crop is centred on a random true peak (lattice panels).
+        negative_bias: probability that a training crop is centred on a random hard negative (a bright valid
+            background pixel, :class:`CropDataset`).
         num_train, num_val, num_test: split sizes (panels / panels / shots for ``lattice``; disjoint seeds).
         lattice, synth: overrides of :class:`~.lattice.LatticeConfig` / :class:`~.synthetic.SynthConfig`.
     """
@@ -152,7 +169,7 @@ class PeakDataModule(L.LightningDataModule):
                  num_val: int = 16, num_test: int = 16, seed: int = 0, batch_size: int = 8, num_workers: int = 0,
                  train: str | None = None, val: str | None = None, test: str | None = None, key: str | None = None,
                  synth: dict[str, Any] | None = None, detector: str | None = None, peak_bias: float = 0.0,
-                 lattice: dict[str, Any] | None = None):
+                 lattice: dict[str, Any] | None = None, negative_bias: float = 0.0):
         super().__init__()
         if source not in ("lattice", "synthetic", "files"):
             raise ValueError(f"data.source must be 'lattice', 'synthetic' or 'files', got {source!r}")
@@ -172,7 +189,7 @@ class PeakDataModule(L.LightningDataModule):
                        num_train=num_train, num_val=num_val, num_test=num_test, seed=seed, train=train, val=val,
                        test=test, key=key, synth=dict(synth or {}), detector=self.detector,
                        lattice=dict(lattice or {}))
-        self.peak_bias = peak_bias
+        self.peak_bias, self.negative_bias = peak_bias, negative_bias
         self.batch_size, self.num_workers = batch_size, num_workers
         self.sources: dict[str, Any] = {}
         self.progress = {"epochs_served": 0}
@@ -195,12 +212,12 @@ class PeakDataModule(L.LightningDataModule):
         det = self.detector
         lone = LONE_PIXEL_RATIO  # PeakFinder's default rule: the model never sees a lone hot pixel
         self.train_set = CropDataset(self.frames("train"), crop, self.kw["sigma"], seed, self.peak_bias, panels,
-                                     detector=det, lone_pixel_ratio=lone)
+                                     detector=det, lone_pixel_ratio=lone, negative_bias=self.negative_bias)
         val = self.frames("val")
         self.val_set = None
         if val is not None:  # deterministic crops (seeded by index); panels keep the training placement rule
             self.val_set = CropDataset(val, crop, self.kw["sigma"] if panels else None, seed + 1, self.peak_bias,
-                                       panels, detector=det, lone_pixel_ratio=lone)
+                                       panels, detector=det, lone_pixel_ratio=lone, negative_bias=self.negative_bias)
 
     def train_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
