@@ -109,15 +109,13 @@ def test_openai_clip_architecture_is_read_from_the_file(clip):
     """No preset: ``from_pretrained`` infers the CLIP tower (quick-GELU, pre-norm, no patch bias, projection) from
     the OpenAI keys alone, drops the text tower and loads strictly. (The number of heads is not in the weights;
     standard widths map to their head counts, this tiny one is given.)"""
-    from vitkit.weights.loading import load_weights
-
     hf, path = clip
     ours = vitkit.from_pretrained(path, num_heads=HEADS)
     c = ours.config
     assert (c.family, c.embed_dim, c.depth, c.patch_size, c.proj_dim, c.act, c.pre_norm, c.patch_bias) == \
            ("clip", D, DEPTH, PATCH, PROJ, "quick_gelu", True, False)
     _compare(ours, hf, torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3)))
-    report = load_weights(ours, path)
+    report = vitkit.load_weights(ours, path)
     dropped = {k for k, _ in report.dropped}
     assert dropped == {k for k in torch.load(path) if not k.startswith("visual.")}  # the text tower, nothing else
 
