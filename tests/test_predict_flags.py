@@ -25,6 +25,18 @@ from test_peaks_job import cli_here
 N, H, W = 3, 128, 128  # three frames of the training size
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: this tiny model's ops gain nothing from a second, and on cores shared with other
+    processes a second thread waiting at every op's barrier made each prediction ~20x slower (measured)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Frames as .npy ([N, H, W] and as two-panel stacks [N, 2, 64, 128]), a two-panel .geom, and the library's
