@@ -296,3 +296,16 @@ def test_dials_needs_a_geometry(learned_run, data, tmp_path, capsys):
                    str(tmp_path / "d"), "--overlays", "0")
     assert res.returncode == 2 and "--dials needs a detector geometry" in res.stderr
     assert not (tmp_path / "d" / "strong.refl").exists()
+
+
+def test_every_predict_flag_is_tested_here():
+    """A flag added to `vitkit predict` fails this until a test above exercises it."""
+    import argparse
+    from pathlib import Path
+
+    from vitkit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    flags = {o for a in sub.choices["predict"]._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
+    source = Path(__file__).read_text().split("def test_every_predict_flag_is_tested_here")[0]
+    assert len(flags) >= 15 and not sorted(f for f in flags if f'"{f}"' not in source)
