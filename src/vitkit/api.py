@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from vitkit.backbones.factory import backbone_from_pretrained
+from vitkit.backbones.resolve import resolve_backbone
 from vitkit.errors import CheckpointNotFoundError
 from vitkit.models.eomt import EoMT
 from vitkit.weights import hub
@@ -34,4 +34,4 @@ def from_pretrained(path_or_id: str | Path, **overrides: Any) -> nn.Module:
     if not path.exists():
         raise CheckpointNotFoundError(f"{path_or_id} is neither an existing path nor a Hugging Face model id "
                                       f"(org/name); check the path")
-    return backbone_from_pretrained(path, **overrides)
+    return resolve_backbone(path, **overrides).eval()

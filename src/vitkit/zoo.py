@@ -31,7 +31,6 @@ linear-probe features, 2 x embed_dim).
 from __future__ import annotations
 
 import difflib
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -40,14 +39,10 @@ import torch
 from torch import nn
 
 from vitkit.backbones.config import ViTConfig
-from vitkit.backbones.factory import backbone_from_pretrained, create_backbone
-from vitkit.backbones.presets import PRESETS, get_preset
+from vitkit.backbones.resolve import resolve_backbone
 from vitkit.backbones.vit import VisionTransformer
 from vitkit.errors import ConfigError, InputError, WeightsNotFoundError
 from vitkit.heads import BaseHead, IdentityHead, LinearHead
-from vitkit.weights import hub
-from vitkit.weights.formats import FORMATS
-from vitkit.weights.hf import hf_to_vit_config
 
 # ZooClassifier (a LightningModule) is also importable from here; it is defined on first access
 __all__ = ["MODEL_REGISTRY", "POOLINGS", "ZooEntry", "ZooModel", "build_model", "default_pooling", "list_models",
@@ -180,113 +175,18 @@ def _translate_config_kwargs(config_kwargs: Mapping[str, Any] | None) -> dict[st
 
 
 # ------------------------------------------------------------------------------------------- loading
-def _resolve_name(name: str | Path) -> tuple[str, Any]:
-    """``("path", Path)`` for an existing file/directory, ``("preset", name)``, or ``("hf", id)``."""
-    p = Path(name).expanduser()
-    if p.exists():
-        return "path", p
-    if str(name) in PRESETS:
-        return "preset", str(name)
-    if hub.is_hf_id(name):
-        return "hf", name
-    raise ConfigError(f"model_name {str(name)!r} is not an existing file or directory, a vitkit preset "
-                      f"(vitkit.list_models()) or a Hugging Face model id (org/name)")
-
-
-def _weight_keys(directory: Path, doc: dict[str, Any]) -> set[str]:
-    """Checkpoint keys of an HF directory, read from the safetensors header or index (no tensors loaded);
-    falls back to the config's ``architectures`` to tell whether a CLIP checkpoint has its projection."""
-    keys: set[str] = set()
-    st, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
-    if st.exists():
-        from vitkit.weights.io import read_safetensors_keys
-
-        keys = set(read_safetensors_keys(st))
-    elif index.exists():
-        keys = set(json.loads(index.read_text())["weight_map"])
-    archs = doc.get("architectures") or []
-    if not keys and (doc.get("model_type") == "clip" or any(a in ("CLIPModel", "CLIPVisionModelWithProjection")
-                                                            for a in archs)):
-        keys.add("visual_projection.weight")
-    return keys
-
-
-def _config_from_path(path: Path) -> ViTConfig:
-    """Architecture of a local checkpoint (HF / vitkit directory or checkpoint file), without loading weights
-    into a model."""
-    if path.is_file():
-        from vitkit.weights.loading import inspect
-
-        return ViTConfig.from_dict(inspect(path)["config"])
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise ConfigError(f"{path} has no config.json; pass a checkpoint file, an HF model directory or a preset")
-    doc = json.loads(cfg_file.read_text())
-    mt = doc.get("model_type")
-    if mt == "vitkit":
-        return ViTConfig.from_dict(doc["config"])
-    if mt in ("eomt", "eomt_dinov3") or doc.get("architecture") == "EoMT":
-        raise ConfigError(f"{path} is an EoMT segmenter, not a backbone; load it with vitkit.from_pretrained")
-    return ViTConfig.from_dict(hf_to_vit_config(doc, _weight_keys(path, doc)))
-
-
-def _preset_config_for_hf(hf_id: str) -> ViTConfig | None:
-    """The vitkit preset that describes an HF model id, with the numerics its HF checkpoint would bring."""
-    preset = next((p for p in PRESETS.values() if p.hf_id == hf_id), None)
-    if preset is None:
-        return None
-    cfg = dict(preset.config)
-    fmt = {"dinov2": "hf_dinov2_reg" if cfg.get("num_register_tokens") else "hf_dinov2", "dinov3": "hf_dinov3",
-           "clip": "hf_clip"}.get(cfg["family"], "hf_vit")
-    cfg.update(FORMATS[fmt].config)  # e.g. transformers resizes DINOv2 position embeddings without Meta's offset
-    cfg["extra"] = {"weights_source": f"vitkit preset {preset.name} (architecture of {hf_id}, random weights)"}
-    return ViTConfig.from_dict(cfg)
-
-
-def _random_config(kind: str, value: Any) -> ViTConfig:
-    if kind == "preset":
-        return ViTConfig.from_dict(dict(get_preset(value).config))
-    if kind == "path":
-        return _config_from_path(value)
-    snapshot = hub.hf_snapshot(value)  # a cached copy (vitkit cache, then the HF cache)
-    if snapshot is not None:
-        return _config_from_path(snapshot)
-    cfg = _preset_config_for_hf(value)
-    if cfg is not None:
-        return cfg
-    if not hub.offline():
-        try:
-            from huggingface_hub import hf_hub_download
-
-            return _config_from_path(Path(hf_hub_download(value, "config.json")).parent)
-        except Exception as e:  # network, gated or missing repo: reported below
-            why = f"download of its config.json failed ({type(e).__name__}: {e})"
-    else:
-        why = "vitkit is offline"
-    raise ConfigError(f"no architecture for {value!r}: its config.json is not cached, no vitkit preset describes it "
-                      f"and {why}. Pass a local directory with config.json, or a vitkit preset name as model_name.")
-
-
 def _load_backbone(name: str | Path, cls: type[VisionTransformer], load_pretrained: bool,
                    overrides: dict[str, Any]) -> VisionTransformer:
-    kind, value = _resolve_name(name)
-    if not load_pretrained:
-        cfg = _random_config(kind, value)
-        return cls(cfg.replace(**overrides) if overrides else cfg)
+    """The registry's / user's checkpoint through the one resolver: its weights (``load_pretrained``), or its
+    architecture with random weights from the locally available config.json, else from vitkit's preset."""
     hint = " To build the architecture with random weights instead, pass load_pretrained=False."
     try:
-        if kind == "preset":
-            model = create_backbone(value, pretrained=True, **overrides)
-        else:
-            path = value if kind == "path" else hub.resolve_hf(value)
-            if path.is_dir() and (path / "config.json").exists():
-                from vitkit.weights.io import find_weights_file
-
-                find_weights_file(path)  # a config without weights: say so before building anything
-            model = backbone_from_pretrained(path, **overrides)
-    except WeightsNotFoundError as e:
-        raise WeightsNotFoundError(str(e) + hint) from e
-    except FileNotFoundError as e:
+        model = resolve_backbone(name, pretrained=bool(load_pretrained), **overrides)
+    except FileNotFoundError as e:  # WeightsNotFoundError is one too
+        if not load_pretrained:
+            raise
+        if isinstance(e, WeightsNotFoundError):
+            raise WeightsNotFoundError(str(e) + hint) from e
         raise WeightsNotFoundError(f"pretrained weights for {str(name)!r} were requested but not found: {e}."
                                    + hint) from e
     if cls is not VisionTransformer:  # a user subclass: same architecture, same tensors, strictly

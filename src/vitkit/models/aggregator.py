@@ -31,8 +31,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitkit.backbones import hub_functions
-from vitkit.backbones.factory import create_backbone
 from vitkit.backbones.presets import PRESETS
+from vitkit.backbones.resolve import resolve_backbone
 from vitkit.backbones.vit import VisionTransformer
 from vitkit.errors import ConfigError, InputError, WeightsNotFoundError
 from vitkit.layers import Block, PatchEmbed, RopeEmbedding
@@ -192,8 +192,8 @@ class Aggregator(nn.Module):
                     alternative="pretrained_patch_embed='<path of the file>'",
                     no_weights="pretrained_patch_embed=False")
             try:
-                module = create_backbone(patch_embed, pretrained=pretrained, img_size=self.img_size,
-                                         in_chans=self.in_chans, patch_size=self.patch_size, **kwargs)
+                module = resolve_backbone(patch_embed, pretrained=pretrained, img_size=self.img_size,
+                                          in_chans=self.in_chans, patch_size=self.patch_size, **kwargs)
             except WeightsNotFoundError as e:
                 msg = str(e).replace("pretrained=<path>", "pretrained_patch_embed=<path>")
                 raise WeightsNotFoundError(f"{where}: " + msg.replace("pretrained=False", "pretrained_patch_embed="
@@ -397,8 +397,6 @@ class DINOv3IntegratedModel(nn.Module):
                  weights: Any = None, aa_order: Sequence[str] = ("frame", "global"),
                  backbone_kwargs: dict[str, Any] | None = None, **aggregator_kwargs: Any):
         super().__init__()
-        from vitkit.backbones import hub_functions
-
         if dinov3_model not in hub_functions.__all__:
             raise ConfigError(f"unknown DINOv3 model {dinov3_model!r}; known: "
                               f"{', '.join(n for n in hub_functions.__all__)}")

@@ -20,7 +20,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitkit.backbones.config import ViTConfig
-from vitkit.backbones.factory import create_backbone, create_dinov2_encoder, legacy_dinov2_config
+from vitkit.backbones.factory import create_dinov2_encoder, legacy_dinov2_config
+from vitkit.backbones.resolve import resolve_backbone
 from vitkit.backbones.vit import VisionTransformer
 from vitkit.errors import ConfigError
 from vitkit.kernels import bmm
@@ -77,7 +78,7 @@ class EoMT(nn.Module):
 
     Two ways to build it (both work as Hydra ``_target_: vitkit.EoMT``):
 
-    * ``EoMT(backbone="dinov3_vits16" | VisionTransformer, num_classes=2, num_q=100, num_blocks=4,
+    * ``EoMT(backbone="dinov3_vits16" | checkpoint | VisionTransformer, num_classes=2, num_q=100, num_blocks=4,
       img_size=(512, 512), in_chans=1, mask_stride=4, pretrained=False)``
     * PeakNet EoMT's explicit DINOv2 form: ``EoMT(patch_size=14, embed_dim=1024, depth=24, num_heads=16,
       mlp_ratio=4.0, num_register_tokens=4, ffn_layer="mlp", img_size=(518, 518), num_classes=150,
@@ -119,13 +120,11 @@ class EoMT(nn.Module):
                 f"i.e. EoMT({', '.join(f'{k}={v!r}' for k, v in explicit.items())}, ...)",
                 DeprecationWarning, stacklevel=2)
             backbone_config = {**explicit, **backbone_config}  # keyword arguments override the name's dimensions
-        if isinstance(backbone, VisionTransformer):
-            if backbone_config:
-                raise ConfigError(f"backbone config {sorted(backbone_config)} given with a backbone module")
-            encoder = backbone
-        elif isinstance(backbone, str):
-            encoder = create_backbone(backbone, pretrained=pretrained, img_size=img_size, in_chans=in_chans,
-                                      **backbone_config)
+        if isinstance(backbone, (str, Path, VisionTransformer)):  # a module is used as it is
+            sizes = {} if isinstance(backbone, VisionTransformer) else dict(img_size=img_size, in_chans=in_chans)
+            # pretrained=False: a name starts random; a checkpoint's weights are always loaded
+            encoder = resolve_backbone(backbone, pretrained=None if pretrained is False else pretrained, **sizes,
+                                       **backbone_config)
         elif backbone is None and "embed_dim" in backbone_config:
             cfg = dict(backbone_config)
             init_values = cfg.pop("init_values", None)  # seed API: only affects initialisation

@@ -36,14 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitkit.backbones.config import FAMILIES
-from vitkit.backbones.factory import backbone_from_pretrained, create_backbone
 from vitkit.backbones.presets import PRESETS, get_preset
+from vitkit.backbones.resolve import resolve_backbone
 from vitkit.backbones.vit import VisionTransformer
 from vitkit.dtypes import parse_dtype
 from vitkit.errors import ConfigError, InputError
 from vitkit.layers import LayerNorm2d, PatchEmbed, resample_patch_embed
 from vitkit.layers.precision import cast_for_inference
-from vitkit.weights.loading import load_weights
 
 STRIDE = 16  # the ViT token grid every pyramid level is derived from
 
@@ -60,12 +59,6 @@ ENCODER_TYPES: dict[str, tuple[str, ...]] = {
 }
 
 # ------------------------------------------------------------------------------------- backbones
-def _is_checkpoint_ref(s: str | Path) -> bool:
-    """A path on disk, or something shaped like a Hugging Face id (``org/name``)."""
-    s = str(s)
-    return Path(s).exists() or "/" in s or s.endswith((".pth", ".pt", ".safetensors", ".bin"))
-
-
 def _native_patch(name: str | None, config: Mapping[str, Any]) -> int:
     if "patch_size" in config:
         return int(config["patch_size"])
@@ -92,53 +85,25 @@ def build_vit(backbone: str | Path | VisionTransformer | Mapping[str, Any] | Non
     Weights are never silently skipped: a contradiction (a checkpoint backbone with ``pretrained=False``, or
     ``pretrained=True`` without a preset name) raises :class:`ConfigError`.
     """
-    kw: dict[str, Any] = {} if in_chans is None else {"in_chans": int(in_chans)}
-    size = {} if img_size is None else {"img_size": img_size}
-    if isinstance(backbone, VisionTransformer):
-        if backbone_config:
-            raise ConfigError(f"backbone config {sorted(backbone_config)} given together with a VisionTransformer "
-                              f"module; configure the module itself")
-        if in_chans is not None and int(in_chans) != backbone.config.in_chans:
-            raise ConfigError(f"in_chans={in_chans} but the given backbone takes {backbone.config.in_chans} "
-                              f"channels; build it with create_backbone(..., in_chans={in_chans})")
-        if pretrained is True:
-            raise ConfigError("pretrained=True needs a preset name; with a VisionTransformer module pass "
-                              "pretrained=<checkpoint path> or load the weights yourself")
-        if pretrained not in (None, False):
-            load_weights(backbone, Path(pretrained))
-        return backbone
+    if isinstance(backbone, VisionTransformer) and in_chans is not None and int(in_chans) != backbone.config.in_chans:
+        raise ConfigError(f"in_chans={in_chans} but the given backbone takes {backbone.config.in_chans} "
+                          f"channels; build it with create_backbone(..., in_chans={in_chans})")
     if isinstance(backbone, Mapping):  # explicit architecture (e.g. a Hydra node without _target_)
-        return build_vit(None, pretrained, img_size=img_size, in_chans=in_chans,
-                         **{**dict(backbone), **backbone_config})
-    if isinstance(backbone, (str, Path)) and str(backbone) in PRESETS:
-        return create_backbone(str(backbone), pretrained=bool(pretrained) if pretrained in (None, False, True)
-                               else pretrained, **size, **kw, **backbone_config)
-    checkpoint = backbone
-    if backbone is None:
-        if backbone_config:  # explicit architecture; a checkpoint for it is loaded strictly
-            if pretrained is True:
-                raise ConfigError("pretrained=True needs a preset name; an explicit config has no official weights")
-            return create_backbone(None, pretrained=pretrained or False, **size, **kw, **backbone_config)
-        if pretrained not in (None, False, True):
-            checkpoint, pretrained = pretrained, None
-        else:
-            raise ConfigError("no backbone: pass backbone=<preset name | checkpoint path | HF model id | "
-                              "VisionTransformer> or pretrained=<checkpoint path | HF model id>; see "
-                              "vitkit.list_models() for the names")
-    if not isinstance(checkpoint, (str, Path)):
-        raise ConfigError(f"backbone must be a name, a path, a VisionTransformer or a config mapping, "
-                          f"got {type(checkpoint).__name__}")
-    if not _is_checkpoint_ref(checkpoint):
-        get_preset(str(checkpoint))  # raises ConfigError with close matches
-    if pretrained is False:
-        raise ConfigError(f"backbone {str(checkpoint)!r} is a checkpoint, whose weights are always loaded, but "
+        backbone, backbone_config = None, {**dict(backbone), **backbone_config}
+    if backbone is None and not backbone_config and pretrained in (None, False, True):
+        raise ConfigError("no backbone: pass backbone=<preset name | checkpoint path | HF model id | "
+                          "VisionTransformer> or pretrained=<checkpoint path | HF model id>; see "
+                          "vitkit.list_models() for the names")
+    checkpoint = isinstance(backbone, (str, Path)) and str(backbone) not in PRESETS
+    if checkpoint and pretrained is False:
+        raise ConfigError(f"backbone {str(backbone)!r} is a checkpoint, whose weights are always loaded, but "
                           f"pretrained=False; use pretrained=None, or a preset name for a random init")
-    if pretrained not in (None, True):
-        raise ConfigError(f"two weight sources: backbone={str(checkpoint)!r} and pretrained={str(pretrained)!r}")
-    if backbone_config:
-        raise ConfigError(f"backbone config {sorted(backbone_config)} given with checkpoint {str(checkpoint)!r}, "
+    if checkpoint and backbone_config:
+        raise ConfigError(f"backbone config {sorted(backbone_config)} given with checkpoint {str(backbone)!r}, "
                           f"whose architecture is read from the checkpoint; use a preset name instead")
-    return backbone_from_pretrained(checkpoint, **kw).train()
+    checkpoint |= backbone is None and not backbone_config  # pretrained= is the checkpoint
+    size = None if checkpoint else img_size  # the trunks resize a checkpoint's position table themselves
+    return resolve_backbone(backbone, pretrained, img_size=size, in_chans=in_chans, **backbone_config).train()
 
 
 def resample_to_patch(vit: VisionTransformer, patch_size: int = STRIDE) -> VisionTransformer:

@@ -1,12 +1,18 @@
-"""Hugging Face ``config.json`` -> ViTConfig fields (a dict), one small table per ``model_type``.
+"""Model directories (``config.json`` + weights, transformers' or vitkit's) -> ViTConfig fields (a dict).
 
-Like every module of :mod:`vitkit.weights` this converts data only: it never imports the model classes."""
+:func:`dir_config` is the one reader of a backbone directory's ``config.json``; transformers' configs go through
+one small table per ``model_type`` (:func:`hf_to_vit_config`). Like every module of :mod:`vitkit.weights` this
+converts data only: it never imports the model classes."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
-from vitkit.errors import ConfigError
+from vitkit.errors import CheckpointNotFoundError, ConfigError
+from vitkit.weights.eomt import is_eomt_config
+from vitkit.weights.io import read_json, read_safetensors_keys
 
 HF_BACKBONE_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit", "ijepa", "vit", "deit", "clip",
                      "clip_vision_model")
@@ -73,3 +79,35 @@ def hf_to_vit_config(cfg: dict[str, Any], weight_keys: set[str] | None = None) -
                           f"{', '.join(HF_BACKBONE_TYPES)} (and 'eomt' for vitkit.EoMT directories)")
     out["extra"] = {"weights_source": f"transformers model_type={mt}"}
     return out
+
+
+def weight_keys(directory: Path, doc: dict[str, Any]) -> set[str]:
+    """Checkpoint keys of a model directory, read from the safetensors header or index (no tensors loaded);
+    without a weights file, the config's ``architectures`` tell whether a CLIP checkpoint has its projection."""
+    keys: set[str] = set()
+    st, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if st.exists():
+        keys = set(read_safetensors_keys(st))
+    elif index.exists():
+        keys = set(json.loads(index.read_text())["weight_map"])
+    archs = doc.get("architectures") or []
+    if not keys and (doc.get("model_type") == "clip" or any(a in ("CLIPModel", "CLIPVisionModelWithProjection")
+                                                            for a in archs)):
+        keys.add("visual_projection.weight")
+    return keys
+
+
+def dir_config(directory: str | Path) -> dict[str, Any]:
+    """ViTConfig fields of a backbone directory (vitkit's ``config.json`` or transformers' of a supported
+    ``model_type``). An EoMT directory raises :class:`ConfigError` (``vitkit.from_pretrained`` loads those)."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise CheckpointNotFoundError(f"{directory} has no config.json; pass a checkpoint file instead, or use "
+                                      f"create_backbone(name, pretrained='{directory}/<file>')")
+    doc = read_json(directory / "config.json")
+    if is_eomt_config(doc):
+        raise ConfigError(f"{directory} is an EoMT segmenter, not a backbone; load it with vitkit.from_pretrained "
+                          f"(its backbone is model.encoder)")
+    if doc.get("model_type") == "vitkit":
+        return dict(doc["config"])
+    return hf_to_vit_config(doc, weight_keys(directory, doc))

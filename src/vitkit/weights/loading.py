@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -49,15 +49,25 @@ class LoadReport:
         return "\n".join(lines)
 
 
+class Converted(NamedTuple):
+    """A checkpoint read and converted into vitkit's layout (what :func:`read_and_convert` returns); pass it to
+    :func:`load_weights` / :func:`infer_config` so that the file is read once."""
+
+    state_dict: StateDict
+    format: Format
+    dropped: list[tuple[str, str]]
+    stored_config: dict[str, Any] | None
+    source: str
+
+
 def _is_square(n: int) -> bool:
     return n > 0 and math.isqrt(n) ** 2 == n
 
 
-def read_and_convert(source: str | Path | StateDict, format: str | None = None
-                     ) -> tuple[StateDict, Format, list[tuple[str, str]], dict[str, Any] | None, str]:
+def read_and_convert(source: str | Path | StateDict, format: str | None = None) -> Converted:
     """Read a checkpoint and convert it into vitkit's layout.
 
-    Returns ``(state_dict, format, dropped, vitkit_config_or_None, source_name)``.
+    Returns a :class:`Converted`: ``(state_dict, format, dropped, vitkit_config_or_None, source_name)``.
     """
     if isinstance(source, dict):
         sd, meta, name = source, {}, "<state dict>"
@@ -74,7 +84,7 @@ def read_and_convert(source: str | Path | StateDict, format: str | None = None
     else:
         fmt = detect_format(sd)
     converted, dropped = convert(sd, fmt)
-    return converted, fmt, dropped, stored_cfg, name
+    return Converted(converted, fmt, dropped, stored_cfg, name)
 
 
 def adapt_to_model(sd: StateDict, model: nn.Module, fmt: Format, source_grid: tuple[int, int] | None,
@@ -176,16 +186,17 @@ def check_and_load(model: nn.Module, sd: StateDict, fmt: Format, report: LoadRep
     model.load_state_dict(sd, strict=True)
 
 
-def load_weights(model: nn.Module, source: str | Path | StateDict, format: str | None = None,
+def load_weights(model: nn.Module, source: str | Path | StateDict | Converted, format: str | None = None,
                  keep_config: tuple[str, ...] | set[str] = ()) -> LoadReport:
     """Load a checkpoint of any supported format into a vitkit VisionTransformer.
 
-    The format's numerics (e.g. how its source resizes position embeddings) are recorded in
+    ``source``: a path, a state dict, or a checkpoint already read by :func:`read_and_convert` (its tensors are
+    adapted in place). The format's numerics (e.g. how its source resizes position embeddings) are recorded in
     ``model.config``, except for the fields named in ``keep_config`` (set explicitly by the caller).
     Returns a :class:`LoadReport`; raises :class:`CheckpointMismatchError` on any missing, unexpected
     or mis-shaped key.
     """
-    sd, fmt, dropped, stored_cfg, name = read_and_convert(source, format)
+    sd, fmt, dropped, stored_cfg, name = source if isinstance(source, Converted) else read_and_convert(source, format)
     report = LoadReport(format=fmt.name, source=name, dropped=dropped)
     c = model.config
     if fmt.family and c.family not in (fmt.family, "custom"):
