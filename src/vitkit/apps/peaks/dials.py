@@ -135,14 +135,10 @@ def _require_dials() -> None:
 def _run(script: str, args: Sequence[str], what: str, timeout: float | None = None) -> str:
     """Run ``script`` (source text) with the DIALS interpreter; return stdout or raise DialsError."""
     _require_dials()
-    with tempfile.NamedTemporaryFile("w", suffix=".py", prefix="vitkit_dials_", delete=False) as f:
-        f.write(script)
-        script_path = f.name
-    try:
-        r = subprocess.run([dials_python(), "-I", script_path, *map(str, args)], capture_output=True, text=True,
-                           timeout=timeout, env=_clean_env())
-    finally:
-        os.unlink(script_path)
+    # the script goes on the command line (-c), not into a temporary file that a /tmp cleaner could take away
+    # while DIALS runs
+    r = subprocess.run([dials_python(), "-I", "-c", script, *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, env=_clean_env())
     if r.returncode != 0:
         err = "\n".join(r.stderr.strip().splitlines()[-25:])
         raise DialsError(f"{what} failed in {dials_python()} (exit {r.returncode}):\n{err}")
