@@ -81,7 +81,7 @@ def make_frames(path: Path, n: int, size: int, seed: int = 0) -> Path:
 
 
 def run_once(ckpt: Path, frames: Path, out: Path, actors: int, args) -> dict:
-    from vitkit.infer.ray import run_stream
+    from vitkit.apps.peaks.stream.ray import run_stream
 
     overrides = [f"model.checkpoint={ckpt}", "source.kind=files", f"source.path={frames}", f"output.dir={out}",
                  f"model.num_actors={actors}", "model.num_cpus=1", "model.torch_threads=1",
@@ -123,8 +123,8 @@ def tree_rss_mib(root: int) -> float:
 def soak_once(ckpt: Path, tmp: Path, n: int, policy: str, rate_hz: float | None, args) -> dict:
     import threading
 
+    from vitkit.apps.peaks.stream.zmq import produce
     from vitkit.apps.peaks.synthetic import SynthConfig, SyntheticPeakDataset
-    from vitkit.infer.zmq import produce
 
     ds = SyntheticPeakDataset(16, SynthConfig(shape=tuple(args.soak_size)), seed=1)
     pool = [ds[i]["image"].numpy()[0] for i in range(16)]

@@ -1,5 +1,5 @@
-"""Streaming inference on Ray (`vitkit stream`, vitkit.infer): output equal to `vitkit predict`, ordering and
-dedupe, bounded frames in flight, actor death and restart, queue sources with several producers, clean
+"""Streaming inference on Ray (`vitkit stream`, vitkit.apps.peaks.stream): output equal to `vitkit predict`,
+ordering and dedupe, bounded frames in flight, actor death and restart, queue sources with several producers, clean
 shutdown, helpful errors, and vitkit without Ray."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import h5py
 import numpy as np
 import pytest
 
+from vitkit.apps.peaks.cxi import OrderedCXIWriter
 from vitkit.apps.peaks.io import read_cxi_peaks, write_cxi, write_zarr
+from vitkit.apps.peaks.stream.config import load_stream_config
+from vitkit.apps.peaks.stream.stages import FileStream, pack_masks, unpack_masks
 from vitkit.apps.peaks.synthetic import SynthConfig, SyntheticPeakDataset
 from vitkit.errors import ConfigError, InputError
-from vitkit.infer.config import load_stream_config
-from vitkit.infer.cxi import OrderedCXIWriter
-from vitkit.infer.stages import FileStream, pack_masks, unpack_masks
 
 # a tiny EoMT trained for a few steps finds real peaks on 64 x 64 windows (F1 ~0.7 on held-out frames)
 TRAIN = ["data=synthetic", "trainer.max_steps=16", "module.lr=1e-2", "module.warmup_steps=2", "model.embed_dim=32",
@@ -105,10 +105,12 @@ def test_config_errors_name_the_key_and_the_fix(tmp_path):
 def test_vitkit_works_without_ray_and_stream_says_how_to_get_it():
     hide = "sys.modules['ray'] = None"  # any `import ray` now raises ImportError
     check = ("import sys\n"
-             "import vitkit, vitkit.infer, vitkit.infer.config, vitkit.infer.stages, vitkit.infer.cxi, vitkit.cli\n"
+             "import vitkit, vitkit.apps.peaks.stream, vitkit.apps.peaks.stream.config\n"
+             "import vitkit.apps.peaks.stream.stages, vitkit.apps.peaks.cxi, vitkit.cli\n"
              "assert 'ray' not in sys.modules, 'vitkit imported ray'\n"
              f"{hide}\n"
-             "try:\n    import vitkit.infer.ray\nexcept vitkit.infer.RayNotInstalledError as e:\n    print(e)\n"
+             "try:\n    import vitkit.apps.peaks.stream.ray\n"
+             "except vitkit.apps.peaks.stream.RayNotInstalledError as e:\n    print(e)\n"
              "else:\n    raise SystemExit('no error')\n")
     res = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -194,7 +196,7 @@ def assert_shut_down(summary, timeout=20.0):
 
 
 def test_stream_equals_predict_with_two_actors_and_a_frame_cap(model_run, reference, ray_local, tmp_path):
-    from vitkit.infer.ray import run_stream
+    from vitkit.apps.peaks.stream.ray import run_stream
 
     cap = 12
     s = run_stream(stream_cfg(model_run, tmp_path, "model.num_actors=2", "model.batch_size=4",
@@ -222,7 +224,7 @@ def test_killed_actor_restarts_and_its_batches_rerun_without_loss_or_duplicates(
                                                                               tmp_path):
     """The process of one of two actors is killed (SIGKILL) with a batch in flight; its batches go to the other
     actor, it is restarted by Ray and works again. (ray.kill of the only actor: the CLI test below.)"""
-    from vitkit.infer.ray import run_stream
+    from vitkit.apps.peaks.stream.ray import run_stream
 
     s = run_stream(stream_cfg(model_run, tmp_path, "model.num_actors=2", "model.batch_size=4",
                               "max_frames_in_flight=16", "fault.kill_actor_after_batches=2",
@@ -241,7 +243,7 @@ def test_killed_actor_restarts_and_its_batches_rerun_without_loss_or_duplicates(
 def test_queue_source_with_two_producers_their_sentinels_and_a_duplicate(model_run, reference, ray_local, tmp_path):
     from ray.util.queue import Queue
 
-    from vitkit.infer.ray import run_stream
+    from vitkit.apps.peaks.stream.ray import run_stream
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # producers defined in this test module
 
@@ -274,7 +276,7 @@ def test_queue_source_with_two_producers_their_sentinels_and_a_duplicate(model_r
 def test_a_bad_item_midway_ends_the_run_with_its_error_and_cleans_up(model_run, reference, ray_local, tmp_path):
     from ray.util.queue import Queue
 
-    from vitkit.infer.ray import run_stream
+    from vitkit.apps.peaks.stream.ray import run_stream
 
     ds = SyntheticPeakDataset(N, SynthConfig(shape=SHAPE), seed=SEED)
     q = Queue()
@@ -312,7 +314,7 @@ def test_multi_panel_events_stream_as_predict_finds_them(model_run, ray_local, s
     from vitkit.apps.peaks.finder import PeakFinder
     from vitkit.apps.peaks.geom import read_geom
     from vitkit.apps.peaks.job import predict
-    from vitkit.infer.ray import run_stream
+    from vitkit.apps.peaks.stream.ray import run_stream
 
     n = 12
     ds = SyntheticPeakDataset(4 * n, SynthConfig(shape=SHAPE), seed=SEED)  # frames the model knows, as panels
@@ -352,7 +354,7 @@ def test_actor_finder_is_predicts_finder_and_bf16_stays_close(model_run):
     import torch
 
     from vitkit.apps.peaks.job import PeakFinder, load_model
-    from vitkit.infer.stages import actor_finder
+    from vitkit.apps.peaks.stream.stages import actor_finder
 
     ds = SyntheticPeakDataset(N, SynthConfig(shape=SHAPE), seed=SEED)
     frames = np.stack([ds[i]["image"].numpy()[0] for i in range(3)])[:, None]  # 3 one-panel events
@@ -376,8 +378,8 @@ def test_actor_finder_is_predicts_finder_and_bf16_stays_close(model_run):
 
 def test_missing_inputs_and_resources_fail_before_any_actor_starts(model_run, ray_local, tmp_path):
     from vitkit.apps.peaks.io import FramesNotFoundError
-    from vitkit.infer import StreamError
-    from vitkit.infer.ray import run_stream
+    from vitkit.apps.peaks.stream import StreamError
+    from vitkit.apps.peaks.stream.ray import run_stream
 
     with pytest.raises(FramesNotFoundError, match="nope.zarr"):
         run_stream(stream_cfg(model_run, tmp_path, "source.kind=files", f"source.path={tmp_path / 'nope.zarr'}"),
@@ -420,7 +422,7 @@ def test_cli_streams_a_zarr_file_survives_ray_kill_of_its_only_actor_and_owns_it
 
 
 def test_report_lines_show_rates_latency_and_queue_depths():
-    from vitkit.infer.stats import StreamStats
+    from vitkit.apps.peaks.stream.stats import StreamStats
 
     st = StreamStats()
     for lat in (0.1, 0.2, 0.3, 0.4):
@@ -450,8 +452,8 @@ def test_zmq_source_multi_panel_malformed_messages_and_a_killed_actor(model_run,
 
     from vitkit.apps.peaks.finder import PeakFinder
     from vitkit.apps.peaks.job import predict
-    from vitkit.infer.ray import run_stream
-    from vitkit.infer.zmq import encode_event
+    from vitkit.apps.peaks.stream.ray import run_stream
+    from vitkit.apps.peaks.stream.zmq import encode_event
 
     n = 16
     ds = SyntheticPeakDataset(4 * n, SynthConfig(shape=SHAPE), seed=SEED + 2)
@@ -513,7 +515,7 @@ def run_soak(model_run, tmp_path, n: int, *extra: str, rate_hz: float | None = N
     that sends as fast as the socket takes them (or at `rate_hz`). Returns (stats, producer result, stderr)."""
     import threading
 
-    from vitkit.infer.zmq import produce
+    from vitkit.apps.peaks.stream.zmq import produce
 
     ds = SyntheticPeakDataset(8, SynthConfig(shape=SHAPE), seed=SEED)
     pool = [ds[i]["image"].numpy()[0] for i in range(8)]
@@ -557,8 +559,8 @@ def test_zmq_drop_oldest_counts_every_event_it_drops(model_run, ray_local, tmp_p
     are dropped: written + dropped = sent, the drops are warned about, nothing is written twice."""
     import threading
 
-    from vitkit.infer.ray import run_stream
-    from vitkit.infer.zmq import produce
+    from vitkit.apps.peaks.stream.ray import run_stream
+    from vitkit.apps.peaks.stream.zmq import produce
 
     n = 300
     ds = SyntheticPeakDataset(8, SynthConfig(shape=SHAPE), seed=SEED)

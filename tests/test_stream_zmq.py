@@ -1,4 +1,5 @@
-"""ZeroMQ source and producer of ``vitkit stream`` (vitkit.infer.zmq) over real loopback sockets, without Ray.
+"""ZeroMQ source and producer of ``vitkit stream`` (vitkit.apps.peaks.stream.zmq) over real loopback sockets, without
+Ray.
 
 Every wait has a deadline, sockets close with linger 0 and producer threads are joined with timeouts, so a
 broken source fails the test instead of hanging it.
@@ -17,8 +18,8 @@ import numpy as np
 import pytest
 import zmq
 
+from vitkit.apps.peaks.stream.zmq import ZmqStream, encode_event, produce, producer_main
 from vitkit.errors import ConfigError, InputError
-from vitkit.infer.zmq import ZmqStream, encode_event, produce, producer_main
 
 DEADLINE_S = 10.0
 

@@ -212,10 +212,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
-    from vitkit.infer.config import load_stream_config
+    from vitkit.apps.peaks.stream.config import load_stream_config
 
     cfg = load_stream_config(args.config, args.overrides)  # config errors do not need Ray
-    from vitkit.infer.ray import run_stream
+    from vitkit.apps.peaks.stream.ray import run_stream
 
     s = run_stream(cfg)
     lat = s["latency_s"]
@@ -237,7 +237,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
 
 def cmd_stream_producer(args: argparse.Namespace) -> int:
-    from vitkit.infer.zmq import producer_main
+    from vitkit.apps.peaks.stream.zmq import producer_main
 
     return producer_main(args.args)
 

@@ -2,14 +2,16 @@
 
 * :mod:`.synthetic` -- seeded synthetic diffraction frames with half-maximum labels and true peak lists
   (:class:`SynthConfig`, :func:`make_frame`, :func:`make_panel_stack`, :class:`SyntheticPeakDataset`).
-* :mod:`.io` -- lazy readers for zarr / HDF5 / CXI / .npy / PNG / TIFF (:func:`open_frames`) and atomic
-  writers for zarr stores, CXI peak lists (CrystFEL), CSV and overlay PNGs.
+* :mod:`.io` -- lazy readers for zarr / HDF5 / CXI / .npy / PNG / TIFF (:func:`open_frames`; the sources are in
+  :mod:`.sources`) and atomic writers for zarr stores, CSV and overlay PNGs (:mod:`.writers`) and CXI peak lists
+  for CrystFEL (:mod:`.cxi`, also the stream's ordered writer), all under one name.
 * :mod:`.peakfind` -- mask -> peaks: vectorised connected components, intensity-weighted centroids and
   integrated intensities (:func:`find_peaks`, :func:`peaks_per_frame`, :func:`logits_to_mask`).
 * :mod:`.detector`, :mod:`.geom` -- multi-panel detectors (CrystFEL ``.geom`` read and written, built-in
   epix10k2M, Jungfrau 4M, CSPAD layouts); :mod:`.lattice` -- lattice-still simulator.
 * :mod:`.finder` -- :class:`PeakFinder`: events ``[P, H, W]`` in, typed peak tables out (the one inference path).
 * :mod:`.metrics` -- one-to-one peak matching, peak precision/recall/F1/RMSE, pixel IoU/Dice.
+* :mod:`.job` -- train / predict / evaluate; :mod:`.stream` -- streaming inference on Ray (``vitkit stream``).
 """
 
 from vitkit.apps.peaks.io import (

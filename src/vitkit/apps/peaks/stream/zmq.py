@@ -1,6 +1,6 @@
 """ZeroMQ event source for ``vitkit stream`` (LCLStreamer-style messages) and a test producer.
 
-:class:`ZmqStream` is a source the pipeline's driver polls for events (:class:`~vitkit.infer.stages.StreamItem`);
+:class:`ZmqStream` is a source the pipeline's driver polls for events (:class:`~.stages.StreamItem`);
 :func:`produce` / :func:`producer_main` (``vitkit stream-producer``) send events from files or the lattice
 simulator. Nothing here imports Ray.
 
@@ -53,8 +53,8 @@ from typing import Any
 import numpy as np
 import zmq
 
+from vitkit.apps.peaks.stream.stages import StreamItem
 from vitkit.errors import ConfigError, InputError, VitkitError
-from vitkit.infer.stages import StreamItem
 
 __all__ = ["ZmqStream", "ProducerTimeoutError", "encode_event", "produce", "file_events", "simulated_events",
            "producer_main", "print_to_stderr"]

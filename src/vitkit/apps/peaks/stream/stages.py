@@ -9,8 +9,8 @@
 * :func:`pack_masks` / :func:`unpack_masks` -- compact masks for the object store: 1 bit per pixel
   (``np.packbits`` along rows) or 1 byte (``uint8``); never float logits.
 * :class:`FileStream` / :class:`SyntheticStream` -- event sources read by the pipeline's driver in order,
-  ``poll(n)`` at a time. The Ray queue source lives in :mod:`vitkit.infer.ray`, the socket source in
-  :mod:`vitkit.infer.zmq`.
+  ``poll(n)`` at a time. The Ray queue source lives in :mod:`vitkit.apps.peaks.stream.ray`, the socket source in
+  :mod:`vitkit.apps.peaks.stream.zmq`.
 """
 
 from __future__ import annotations

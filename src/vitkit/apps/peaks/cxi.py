@@ -1,16 +1,14 @@
-"""A CXI writer for streams: peak lists arrive in any order, rows are written in frame-index order.
+"""CXI peak lists for CrystFEL and Cheetah: the layout, the whole-run writer (:func:`write_cxi`), its reader
+(:func:`read_cxi_peaks`) and the streaming writer (:class:`OrderedCXIWriter`). Files are written atomically
+(:mod:`vitkit.atomic`).
 
-:class:`OrderedCXIWriter` holds early arrivals in a reorder buffer and appends the longest run of consecutive
-frame indices to resizable HDF5 datasets as soon as it is complete. A frame index that was already written (or
-is already waiting) is dropped and counted as a duplicate, so a re-run batch or a producer sending a frame twice
-never duplicates a row. The file is written under a hidden temporary name next to the target and renamed onto
-it by :meth:`~OrderedCXIWriter.close` (atomic, like :func:`vitkit.apps.peaks.io.write_cxi`); :meth:`abort`
-removes it.
-
-The layout is :func:`~vitkit.apps.peaks.io.write_cxi`'s (``/entry_1/result_1/nPeaks``, ``peakXPosRaw``,
-``peakYPosRaw``, ``peakTotalIntensity``, ``cxi_version`` 150), read back by
-:func:`~vitkit.apps.peaks.io.read_cxi_peaks`, plus ``/entry_1/result_1/frameIndex`` (int64): the source
-index (arrival order) of each row, ``/entry_1/event_id`` (str: the producer's event id) and
+:class:`OrderedCXIWriter` takes peak lists in any order and writes rows in frame-index order: it holds early
+arrivals in a reorder buffer and appends the longest run of consecutive frame indices to resizable HDF5 datasets
+as soon as it is complete. A frame index that was already written (or is already waiting) is dropped and counted as
+a duplicate, so a re-run batch or a producer sending a frame twice never duplicates a row. The file is written
+under a hidden temporary name next to the target and renamed onto it by :meth:`~OrderedCXIWriter.close`;
+:meth:`~OrderedCXIWriter.abort` removes it. Its layout is :func:`write_cxi`'s plus ``/entry_1/result_1/frameIndex``
+(int64): the source index (arrival order) of each row, ``/entry_1/event_id`` (str: the producer's event id) and
 ``/entry_1/timestamp`` (float64 seconds, NaN when the producer sent none).
 
 Gaps: if a frame index never arrives (a producer dropped an event), the consecutive run cannot grow. The
@@ -23,16 +21,129 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from vitkit.apps.peaks.io import cxi_peak_rows, cxi_result_group
-from vitkit.atomic import commit, discard, temp_path
+from vitkit.apps.peaks.sources import CXI_RESULT, DatasetKeyError, H5Source
+from vitkit.apps.peaks.writers import peak_table
+from vitkit.atomic import atomic_path, commit, discard, temp_path
 from vitkit.errors import InputError
 
-__all__ = ["OrderedCXIWriter"]
+__all__ = ["CXI_PEAK_COLUMNS", "OrderedCXIWriter", "cxi_peak_rows", "cxi_result_group", "read_cxi_peaks",
+           "write_cxi"]
+
+
+def cxi_peak_rows(p, what: str, max_peaks: int) -> np.ndarray:
+    """One frame's peaks (a peak table, or ``[n, 2|3]`` rows ``(y, x[, intensity])``) as a peak table of at
+    most ``max_peaks`` rows: more keeps the brightest, in their original order."""
+    t = peak_table(p, what)
+    if len(t) > max_peaks:
+        t = t[np.sort(np.argsort(-t["intensity"], kind="stable")[:max_peaks])]
+    return t
+
+
+def cxi_result_group(f):
+    """Write ``/cxi_version`` into an open h5py file and create the CrystFEL peak-list group."""
+    f.create_dataset("cxi_version", data=np.int32(150))
+    r = f.require_group(CXI_RESULT)
+    r.attrs["coordinates"] = ("slab pixels (y = slow scan, x = fast scan), pixel centres at integers (NumPy); "
+                              "indexamajig adds CrystFEL's half pixel itself")
+    return r
+
+
+CXI_PEAK_COLUMNS = (("peakXPosRaw", "slab_fs"), ("peakYPosRaw", "slab_ss"), ("peakTotalIntensity", "intensity"),
+                    ("peakNPixels", "npix"), ("peakMaximumValue", "max_value"))
+
+
+def write_cxi(path: str | os.PathLike, peaks_per_frame: Sequence, frames=None, max_peaks: int = 2048,
+              compression: str | None = None, event_ids: Sequence | None = None) -> Path:
+    """Write peak lists (and optionally the frames) as a CXI file for CrystFEL/Cheetah, atomically.
+
+    Layout (CrystFEL's ``peak_list = /entry_1/result_1``, ``peak_list_type = cxi``; ``indexamajig
+    --peaks=cxi`` with the detector's ``.geom``)::
+
+        /cxi_version                          int32 150
+        /entry_1/result_1/nPeaks              int32   [N]
+        /entry_1/result_1/peakXPosRaw         float32 [N, max_peaks]  slab fast scan, zero padded
+        /entry_1/result_1/peakYPosRaw         float32 [N, max_peaks]  slab slow scan
+        /entry_1/result_1/peakTotalIntensity  float32 [N, max_peaks]  integrated intensity
+        /entry_1/result_1/peakNPixels         float32 [N, max_peaks]  pixels per peak (0 if unknown)
+        /entry_1/result_1/peakMaximumValue    float32 [N, max_peaks]  brightest pixel
+        /entry_1/data_1/data                  float32 [N, SS, FS]     only if frames are given, chunks (1, SS, FS)
+        /entry_1/event_id                     int64/str [N]           only if event_ids are given
+
+    Args:
+        peaks_per_frame: per frame, a peak table (:data:`~vitkit.apps.peaks.peakfind.PEAK_DTYPE`; its
+            ``slab_fs`` / ``slab_ss`` are written) or ``[n, 3]`` ``(y, x, intensity)`` slab rows (``[n, 2]``:
+            intensity 0).
+        frames: optional ``[N, SS, FS]`` slabs or any indexable of ``[SS, FS]`` frames (e.g. a FrameSource).
+        max_peaks: width of the peak arrays; a frame with more peaks keeps the ``max_peaks`` brightest (in
+            their original order) and ``nPeaks = max_peaks``.
+        compression: h5py compression for the frames (``"gzip"`` is readable everywhere; default none).
+    """
+    import h5py
+
+    if max_peaks < 1:
+        raise InputError(f"write_cxi: expected max_peaks >= 1, found {max_peaks}.")
+    n = len(peaks_per_frame)
+    if frames is not None and len(frames) != n:
+        raise InputError(f"write_cxi: {len(frames)} frames but {n} peak lists; expected one peak list per frame.")
+    if event_ids is not None and len(event_ids) != n:
+        raise InputError(f"write_cxi: {len(event_ids)} event ids but {n} peak lists; expected one per frame.")
+    npk = np.zeros(n, dtype=np.int32)
+    cols = {name: np.zeros((n, max_peaks), dtype=np.float32) for name, _ in CXI_PEAK_COLUMNS}
+    for i, p in enumerate(peaks_per_frame):
+        t = cxi_peak_rows(p, f"write_cxi(peaks_per_frame[{i}])", max_peaks)
+        npk[i] = len(t)
+        for name, field in CXI_PEAK_COLUMNS:
+            cols[name][i, :len(t)] = np.nan_to_num(t[field], nan=0.0)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            r = cxi_result_group(f)
+            r.create_dataset("nPeaks", data=npk)
+            for name, data in cols.items():
+                r.create_dataset(name, data=data)
+            if event_ids is not None:
+                ids = np.asarray(event_ids)
+                f["/entry_1"].create_dataset("event_id", data=ids.astype("S") if ids.dtype.kind in "UO" else ids)
+            if frames is not None and n:
+                first = np.asarray(frames[0], dtype=np.float32)
+                if first.ndim != 2:
+                    raise InputError(f"write_cxi: expected frames [N, SS, FS], found a frame of shape {first.shape}.")
+                h, w = first.shape
+                d = f.require_group("/entry_1/data_1").create_dataset(
+                    "data", shape=(n, h, w), dtype=np.float32, chunks=(1, h, w), compression=compression)
+                for i in range(n):
+                    fr = first if i == 0 else np.asarray(frames[i], dtype=np.float32)
+                    if fr.shape != (h, w):
+                        raise InputError(f"write_cxi: frame {i} has shape {fr.shape}, frame 0 has {(h, w)}; "
+                                         "expected equal shapes.")
+                    d[i] = fr
+    return Path(path)
+
+
+def read_cxi_peaks(path: str | os.PathLike, result: str = CXI_RESULT) -> list[np.ndarray]:
+    """Peak lists ``[n_i, 3]`` float32 ``(y, x, intensity)`` in slab coordinates from a CXI file written by
+    :func:`write_cxi` (or Cheetah/psocake)."""
+    src = H5Source.__new__(H5Source)  # reuse the open/error handling without requiring a frames dataset
+    src.path, src._file, src._pid = str(path), None, None
+    f = src._open()
+    try:
+        names = src._datasets(f)
+        need = [f"{result}/{k}".lstrip("/") for k in ("nPeaks", "peakXPosRaw", "peakYPosRaw")]
+        missing = [k for k in need if k not in names]
+        if missing:
+            raise DatasetKeyError(f"{path}: no CXI peak list at {result} (missing {missing}); the file has "
+                                  f"{src._listing(f, names)}.", names)
+        npk = f[f"{result}/nPeaks"][()]
+        xs, ys = f[f"{result}/peakXPosRaw"][()], f[f"{result}/peakYPosRaw"][()]
+        key = f"{result}/peakTotalIntensity"
+        it = f[key][()] if key.lstrip("/") in names else np.zeros_like(xs)
+    finally:
+        src.close()
+    return [np.stack([ys[i, :k], xs[i, :k], it[i, :k]], axis=1).astype(np.float32) for i, k in enumerate(npk)]
 
 
 class OrderedCXIWriter:

@@ -4,15 +4,15 @@ The only vitkit module that imports Ray (``pip install "vitkit[ray]"``).
 
 Stages
     * **source** (read by the driver, in order): files through :func:`~vitkit.apps.peaks.io.open_frames`
-      (zarr, HDF5/CXI, ...), vitkit's simulators, ZeroMQ sockets (:class:`~vitkit.infer.zmq.ZmqStream`:
+      (zarr, HDF5/CXI, ...), vitkit's simulators, ZeroMQ sockets (:class:`~vitkit.apps.peaks.stream.zmq.ZmqStream`:
       LCLStreamer-style ``.npz`` messages; malformed ones are counted and skipped), or a
       ``ray.util.queue.Queue`` fed by external producers (psana-ray style; each producer ends its part with one
       ``None`` sentinel, the stream ends after ``num_producers`` sentinels). Every event is checked against the
-      run's detector (:class:`~vitkit.infer.stages.EventCheck`): a panel stack ``[P, H, W]`` or a slab.
+      run's detector (:class:`~vitkit.apps.peaks.stream.stages.EventCheck`): a panel stack ``[P, H, W]`` or a slab.
     * **batcher**: ``batch_size`` events of one shape are stacked and ``ray.put`` once; the model actor and the
       peak actor read the same object (zero copy).
     * **model actors** (``num_actors``, CPU or GPU, optional bf16 weights): the run's
-      :class:`~vitkit.apps.peaks.finder.PeakFinder` with the model (:func:`~vitkit.infer.stages.actor_finder`):
+      :class:`~vitkit.apps.peaks.finder.PeakFinder` with the model (:func:`~.stages.actor_finder`):
       the panels of all events of a batch go through the model together, so masks equal ``vitkit predict``'s.
       They return bit-packed masks (1 bit per pixel), never logits. At most ``max_batches_per_actor`` batches
       per actor are queued.
@@ -21,7 +21,7 @@ Stages
       panel/slab/lab coordinates, ...). One call in flight per actor -- a hard bound kept by the driver. They
       are long-lived actors, not tasks: Ray kills idle task workers after a second and a new one spends seconds
       importing vitkit, which stalled the whole pipeline (41 vs 148 events/s in the soak benchmark).
-    * **writer** (one actor, on the driver's node): :class:`~vitkit.infer.cxi.OrderedCXIWriter` writes rows in
+    * **writer** (one actor, on the driver's node): :class:`~vitkit.apps.peaks.cxi.OrderedCXIWriter` writes rows in
       index (arrival) order whatever the completion order, with each event's id and timestamp, drops duplicate
       indices, renames the file into place at the end; the run's ``detector.geom`` goes beside it.
 
@@ -35,7 +35,7 @@ Bounds
 Timing
     Every stage's busy time is counted (receive, decode, batch, model, peak extraction, write; the driver's
     waits on the source apart); the progress line and ``stream_stats.json`` show each stage's utilisation and
-    :func:`~vitkit.infer.stats.limiting_stage` names the stage that limits throughput.
+    :func:`~vitkit.apps.peaks.stream.stats.limiting_stage` names the stage that limits throughput.
 
 Faults
     Model actors have Ray ``max_restarts``; Ray's own task retries are off so that the driver sees every failure:
@@ -65,7 +65,7 @@ from typing import Any
 
 import numpy as np
 
-from vitkit.infer.errors import RayNotInstalledError, StreamError
+from vitkit.apps.peaks.stream.errors import RayNotInstalledError, StreamError
 
 try:
     import ray
@@ -73,11 +73,11 @@ try:
     from ray.util.queue import Empty
 except ImportError as _e:  # pragma: no cover - exercised by a test that hides ray
     raise RayNotInstalledError(
-        "vitkit.infer.ray (streaming inference, `vitkit stream`) needs Ray, which is not installed. Install it "
-        "with: pip install \"vitkit[ray]\"") from _e
+        "vitkit.apps.peaks.stream.ray (streaming inference, `vitkit stream`) needs Ray, which is not installed. "
+        "Install it with: pip install \"vitkit[ray]\"") from _e
 
-from vitkit.infer.config import StreamConfig, load_stream_config
-from vitkit.infer.stats import StreamStats
+from vitkit.apps.peaks.stream.config import StreamConfig, load_stream_config
+from vitkit.apps.peaks.stream.stats import StreamStats
 
 __all__ = ["StreamPipeline", "run_stream", "QueueStream", "connect_queue"]
 
@@ -93,7 +93,7 @@ class _ModelActor:
                  warmup: bool):
         import torch
 
-        from vitkit.infer.stages import actor_finder
+        from vitkit.apps.peaks.stream.stages import actor_finder
         from vitkit.runtime import tune_cpu_allocator
 
         tune_cpu_allocator()
@@ -117,7 +117,7 @@ class _ModelActor:
 
     @ray.method(num_returns=2)
     def infer(self, events: np.ndarray):
-        from vitkit.infer.stages import pack_masks
+        from vitkit.apps.peaks.stream.stages import pack_masks
 
         t = time.perf_counter()
         data = pack_masks(self.finder.masks(events), self.fmt)
@@ -136,7 +136,7 @@ class _PeakActor:
 
     @ray.method(num_returns=2)
     def peaks(self, events: np.ndarray, masks: np.ndarray, fmt: str):
-        from vitkit.infer.stages import unpack_masks
+        from vitkit.apps.peaks.stream.stages import unpack_masks
 
         t = time.perf_counter()
         peaks = self.finder.peaks(events, unpack_masks(masks, events.shape[-1], fmt))
@@ -148,7 +148,7 @@ class _WriterActor:
     """The one CXI writer of a run."""
 
     def __init__(self, path: str, max_peaks: int, flush_every_s: float):
-        from vitkit.infer.cxi import OrderedCXIWriter
+        from vitkit.apps.peaks.cxi import OrderedCXIWriter
 
         self.w = OrderedCXIWriter(path, max_peaks=max_peaks, flush_every_s=flush_every_s)
 
@@ -199,12 +199,12 @@ class QueueStream:
     slab), a dict with ``image`` and optionally ``index``, ``event_id``, ``timestamp``, or an ``(index, image)``
     pair. Items with an index are written at that index (unique per run, counting from 0 across all producers);
     items without one are numbered in arrival order (a stream must not mix the two). ``None`` is a producer's
-    end-of-stream sentinel. ``check`` (:class:`~vitkit.infer.stages.EventCheck`) turns each into ``[P, H, W]``;
+    end-of-stream sentinel. ``check`` (:class:`~.stages.EventCheck`) turns each into ``[P, H, W]``;
     a bad item ends the run with its error.
     """
 
     def __init__(self, queue, num_producers: int = 1, check=None):
-        from vitkit.infer.stages import EventCheck
+        from vitkit.apps.peaks.stream.stages import EventCheck
 
         self.queue = queue
         self.check = check or EventCheck()
@@ -222,8 +222,8 @@ class QueueStream:
             return None
 
     def _item(self, item):
+        from vitkit.apps.peaks.stream.stages import StreamItem, raw_array
         from vitkit.errors import InputError
-        from vitkit.infer.stages import StreamItem, raw_array
 
         index, eid, ts = None, None, None
         if isinstance(item, dict):
@@ -381,7 +381,7 @@ class StreamPipeline:
         """The run's detector, good-pixel mask and model-less PeakFinder (what every stage shares)."""
         from vitkit.apps.peaks.detector import load_detector
         from vitkit.apps.peaks.finder import PeakFinder, read_mask, run_geometry
-        from vitkit.infer.stages import EventCheck
+        from vitkit.apps.peaks.stream.stages import EventCheck
 
         d, p, s = self.cfg.detector, self.cfg.peaks, self.cfg.source
         geometry = d.geometry
@@ -401,7 +401,7 @@ class StreamPipeline:
         self.check = EventCheck(self.detector, self.finder.good)
 
     def _open_source(self):
-        from vitkit.infer.stages import FileStream, SyntheticStream
+        from vitkit.apps.peaks.stream.stages import FileStream, SyntheticStream
 
         s = self.cfg.source
         if s.kind == "files":
@@ -409,7 +409,7 @@ class StreamPipeline:
         if s.kind == "synthetic":
             return SyntheticStream(s.num_frames, s.shape, s.seed, detector=self.detector if s.detector else None)
         if s.kind == "zmq":
-            from vitkit.infer.zmq import ZmqStream
+            from vitkit.apps.peaks.stream.zmq import ZmqStream
 
             return ZmqStream(s.endpoints, socket=s.socket, bind=s.bind, topic=s.topic, data_key=s.data_key,
                              id_key=s.id_key, timestamp_key=s.timestamp_key, hwm=s.hwm,
@@ -712,8 +712,8 @@ class StreamPipeline:
         return counters() if counters is not None else {}
 
     def _stages(self) -> tuple[dict[str, dict], dict[str, Any]]:
-        """Per-stage utilisation and the limiting stage (:mod:`vitkit.infer.stats`)."""
-        from vitkit.infer.stats import limiting_stage, stage_utilisation
+        """Per-stage utilisation and the limiting stage (:mod:`vitkit.apps.peaks.stream.stats`)."""
+        from vitkit.apps.peaks.stream.stats import limiting_stage, stage_utilisation
 
         c = self._source_counters()
         elapsed = time.perf_counter() - self.stats.t0

@@ -12,6 +12,7 @@ Nothing here imports Ray.
 from __future__ import annotations
 
 import difflib
+import importlib.resources
 import os
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -238,8 +239,8 @@ def _check_tree_keys(d: Any, prefix: str = "", where: str = "") -> None:
 # ----------------------------------------------------------------------------------------------- load
 def packaged_configs() -> list[str]:
     """Names of the packaged stream configs (``vitkit/configs/stream/*.yaml``)."""
-    d = Path(__file__).resolve().parent.parent / "configs" / "stream"
-    return sorted(p.stem for p in d.glob("*.yaml"))
+    d = importlib.resources.files("vitkit.configs") / "stream"
+    return sorted(p.name.removesuffix(".yaml") for p in d.iterdir() if p.name.endswith(".yaml"))
 
 
 def load_stream_config(config: str | os.PathLike | dict | StreamConfig | None = "default",
