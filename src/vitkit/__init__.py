@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 
 # Optional parts are imported on first use, so `import vitkit` stays light.
 _LAZY = {
-    "build_model": "vitkit.zoo",
+    "build_model": "vitkit.models.classifier",
     "heads": "vitkit.heads",
     "ViTTrunkMultiScale": "vitkit.models.trunk",
     "SimpleFeaturePyramid": "vitkit.models.trunk",
