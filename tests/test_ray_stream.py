@@ -224,11 +224,10 @@ def test_killed_actor_restarts_and_its_batches_rerun_without_loss_or_duplicates(
                                                                               tmp_path):
     """The process of one of two actors is killed (SIGKILL) with a batch in flight; its batches go to the other
     actor, it is restarted by Ray and works again. (ray.kill of the only actor: the CLI test below.)"""
-    from vitkit.apps.peaks.stream.ray import run_stream
+    from stream_faults import run_with_kill
 
-    s = run_stream(stream_cfg(model_run, tmp_path, "model.num_actors=2", "model.batch_size=4",
-                              "max_frames_in_flight=16", "fault.kill_actor_after_batches=2",
-                              "fault.kill_mode=sigkill"), log=None)
+    s = run_with_kill(stream_cfg(model_run, tmp_path, "model.num_actors=2", "model.batch_size=4",
+                                 "max_frames_in_flight=16"), after_batches=2, mode="sigkill", log=None)
     assert_same_peaks(s, reference)
     f = s["fault_injected"]
     assert f is not None and f["mode"] == "sigkill" and f["batches_in_flight"]
@@ -395,6 +394,7 @@ def test_missing_inputs_and_resources_fail_before_any_actor_starts(model_run, ra
 def test_cli_streams_a_zarr_file_survives_ray_kill_of_its_only_actor_and_owns_its_ray(model_run, tmp_path):
     """`vitkit stream` end to end: zarr source, progress lines, summary JSON, a Ray it starts and shuts down, and
     `ray.kill(actor, no_restart=False)` of its only actor: batches wait for the restart and are re-run."""
+    import stream_faults
     from vitkit.apps.peaks.job import PeakFinder, load_model, predict
 
     ds = SyntheticPeakDataset(12, SynthConfig(shape=SHAPE), seed=SEED + 1)
@@ -405,7 +405,7 @@ def test_cli_streams_a_zarr_file_survives_ray_kill_of_its_only_actor_and_owns_it
     res = run_cli("stream", "default", f"model.checkpoint={model_run}", "source.kind=files",
                   f"source.path={tmp_path / 'frames.zarr'}", f"output.dir={out}", "ray.num_cpus=2",
                   "model.num_cpus=0.5", "peaks.num_cpus=0.5", "model.batch_size=2", "report_every_s=0.05",
-                  "fault.kill_actor_after_batches=2", "fault.kill_mode=ray_kill")
+                  pre=stream_faults.pre_code(after_batches=2, mode="ray_kill"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines()[-1] == str(out)
     progress = [line for line in res.stderr.splitlines() if line.startswith("[stream ")]
@@ -450,9 +450,9 @@ def test_zmq_source_multi_panel_malformed_messages_and_a_killed_actor(model_run,
 
     import zmq
 
+    from stream_faults import run_with_kill
     from vitkit.apps.peaks.finder import PeakFinder
     from vitkit.apps.peaks.job import predict
-    from vitkit.apps.peaks.stream.ray import run_stream
     from vitkit.apps.peaks.stream.zmq import encode_event
 
     n = 16
@@ -488,11 +488,10 @@ def test_zmq_source_multi_panel_malformed_messages_and_a_killed_actor(model_run,
     t = threading.Thread(target=producer, daemon=True)
     t.start()
     lines: list[str] = []
-    s = run_stream(load_stream_config("default", [
+    s = run_with_kill(load_stream_config("default", [
         f"model.checkpoint={model_run}", f"output.dir={tmp_path / 'out'}", *RES, "source.kind=zmq",
         f"source.endpoints={endpoint}", f"detector.geometry={small_geom}", "model.num_actors=2",
-        "model.batch_size=2", "max_frames_in_flight=6", "fault.kill_actor_after_batches=2",
-        "fault.kill_mode=sigkill"]), log=lines.append)
+        "model.batch_size=2", "max_frames_in_flight=6"]), after_batches=2, mode="sigkill", log=lines.append)
     t.join(30)
     assert not t.is_alive() and sent == [f"r7:{i}" for i in range(n)]
     assert_same_peaks(s, read_cxi_peaks(tmp_path / "pred" / "peaks.cxi"))

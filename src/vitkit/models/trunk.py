@@ -545,6 +545,8 @@ def sam2_image_predictor(sam_model: nn.Module, **kwargs: Any):
     strides = strides[:len(strides) - encoder.scalp] if encoder.scalp else strides
     if any(size % s for s in strides):
         raise ConfigError(f"image_size {size} is not a multiple of the trunk strides {strides}")
+    # a private attribute of sam2's: the predictor has no public way to set the sizes (sam2 issue #138), and
+    # without this it reshapes the features of any other image size wrongly; test_trunk pins the behaviour
     predictor._bb_feat_sizes = [(size // s, size // s) for s in strides[:3]]
     return predictor
 

@@ -5,6 +5,7 @@ reading them. :func:`vitkit.apps.peaks.io.open_frames` picks the source for a pa
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -194,7 +195,10 @@ class ZarrSource(FrameSource):
         try:
             have, want = img.nchunks_initialized, img.nchunks
             all_stored = bool(img.attrs.get(ALL_CHUNKS_ATTR, False)) or img.metadata.fill_value is None
-        except Exception:  # noqa: BLE001 - the check is best-effort on exotic stores
+        except (NotImplementedError, TypeError, AttributeError) as e:  # a store that cannot list its chunks
+            warnings.warn(f"{self.path}/{self.key}: the store cannot list its chunks ({type(e).__name__}: {e}), so "
+                          "a truncated copy would not be noticed: missing chunks read as the fill value",
+                          UserWarning, stacklevel=2)
             have = want = 0
             all_stored = False
         if have < want and all_stored:

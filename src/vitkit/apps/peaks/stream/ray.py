@@ -55,7 +55,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -69,7 +68,7 @@ from vitkit.apps.peaks.stream.errors import RayNotInstalledError, StreamError
 
 try:
     import ray
-    from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
+    from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayError
     from ray.util.queue import Empty
 except ImportError as _e:  # pragma: no cover - exercised by a test that hides ray
     raise RayNotInstalledError(
@@ -182,14 +181,13 @@ def connect_queue(name: str, namespace: str | None = None):
     from ray.util.queue import Queue
 
     try:
-        handle = ray.get_actor(name, namespace=namespace)
+        ray.get_actor(name, namespace=namespace)  # the producers' queue must exist: never create an empty one
     except ValueError as e:
         raise StreamError(f"source.queue_name: no Ray actor named {name!r} in namespace {namespace!r}; expected "
                           "the queue the producers feed (ray.util.queue.Queue with actor_options name=...). Start "
                           "the producers first or fix source.queue_name / source.queue_namespace.") from e
-    q = Queue.__new__(Queue)
-    q.actor, q.maxsize = handle, 0
-    return q
+    # Queue has no public way to wrap an actor handle; its constructor with get_if_exists attaches to the named actor
+    return Queue(actor_options={"name": name, "namespace": namespace, "get_if_exists": True})
 
 
 class QueueStream:
@@ -218,7 +216,7 @@ class QueueStream:
     def depth(self) -> int | None:
         try:
             return int(self.queue.qsize())
-        except Exception:  # noqa: BLE001 - reporting only
+        except RayError:  # the queue actor is gone: a depth to report no longer exists
             return None
 
     def _item(self, item):
@@ -355,8 +353,8 @@ class StreamPipeline:
         self._t_read: dict[int, float] = {}
         self._in_flight = 0
         self._writer_buffered = 0
-        self._batches_done = 0
-        self._killed: dict | None = None
+        self.batches_done = 0  # batches the model actors returned
+        self.summary_extra: dict[str, Any] = {}  # merged into the run's summary (extension points)
         self._bytes = {"frames": 0, "masks": 0, "peaks": 0}
         self._shapes: set[tuple[int, ...]] = set()
         self.detector = None
@@ -591,26 +589,19 @@ class StreamPipeline:
             if s.state == "recovering" and s.probe is None and now >= s.probe_after:
                 s.probe = s.handle.info.remote()
 
-    def _fault_hook(self) -> None:
-        f = self.cfg.fault
-        if f.kill_actor_after_batches is None or self._killed is not None or \
-                self._batches_done < f.kill_actor_after_batches:
-            return
-        busy = [s for s in self.slots if s.state == "alive" and s.inflight > 0]
-        if not busy:
-            return
-        s = busy[0]
-        batches = sorted(b.id for sl, b, _, _ in self._model_refs.values() if sl is s)
-        if f.kill_mode == "sigkill":
-            if s.node != ray.get_runtime_context().get_node_id():
-                raise StreamError("fault.kill_mode=sigkill needs the actor on the driver's node; use ray_kill.")
-            os.kill(s.pid, signal.SIGKILL)
-        else:
-            ray.kill(s.handle, no_restart=False)
-        self._killed = {"actor": s.i, "pid": s.pid, "mode": f.kill_mode, "after_batches": self._batches_done,
-                        "batches_in_flight": batches}
-        self.log(f"[stream] fault injection: killed model actor {s.i} (pid {s.pid}, {f.kill_mode}) with batches "
-                 f"{batches} in flight")
+    # ---------------------------------------------------------------------------------- extension points
+    def on_loop(self) -> None:
+        """Called once per loop iteration, after the work was dispatched: a subclass may act on the running
+        pipeline here (the tests kill a model actor to check recovery). Does nothing."""
+
+    def may_finish(self) -> bool:
+        """Whether the run may end once everything is written; a subclass may hold it open (e.g. until a killed
+        actor is back). True."""
+        return True
+
+    def batches_in_flight(self, slot: _Slot) -> list[int]:
+        """Ids of the batches a model actor holds (queued or running)."""
+        return sorted(b.id for sl, b, _, _ in self._model_refs.values() if sl is slot)
 
     def _maybe_gap_flush(self) -> None:
         """Everything in flight waits in the writer for a frame index that never came: write it out."""
@@ -637,7 +628,7 @@ class StreamPipeline:
             self._rerun.append(b.id)
             self._rerun_frames += len(b.seqs)
             return
-        self._batches_done += 1
+        self.batches_done += 1
         slot.batches_done += 1
         if info["pid"] not in slot.pids:
             slot.pids.append(info["pid"])
@@ -748,8 +739,7 @@ class StreamPipeline:
                 "in_flight": f"{self._in_flight}/{self.cfg.max_frames_in_flight}"}
 
     def _done(self) -> bool:
-        if self._killed is not None and self.cfg.fault.await_restart and \
-                self.slots[self._killed["actor"]].state == "recovering":
+        if not self.may_finish():
             return False
         return (self.source.exhausted and not self._cur and not self._pending and not self._model_refs
                 and not self._masks_ready and not self._peak_refs and not self._write_refs)
@@ -767,7 +757,7 @@ class StreamPipeline:
             self._dispatch_model()
             self._dispatch_peaks()
             self._probe()
-            self._fault_hook()
+            self.on_loop()
             self._maybe_gap_flush()
             self.stats.depths(frames_in_flight=self._in_flight, pending_batches=len(self._pending),
                               model_batches=len(self._model_refs), peak_calls=len(self._peak_refs),
@@ -846,7 +836,6 @@ class StreamPipeline:
             "actor_restarts": self._restarts,
             "rerun_batches": list(self._rerun),
             "rerun_frames": self._rerun_frames,
-            "fault_injected": self._killed,
             "batches": self._batch_id,
             "object_store_bytes": {
                 **self._bytes,
@@ -858,6 +847,7 @@ class StreamPipeline:
             },
             "ray_started_by_pipeline": self.started_ray,
             "config": dataclasses.asdict(self.cfg),
+            **self.summary_extra,
         }
         write_json(out / STATS_FILE, summary)
         summary["stats_file"] = str(out / STATS_FILE)
@@ -872,21 +862,18 @@ class StreamPipeline:
         return summary
 
     def _teardown(self) -> None:
+        # Clean-up after success, an error or Ctrl-C. A Ray error here is not reported: the run's own error (or
+        # its summary) is what the caller needs, and a writer or actor that already died is the usual cause.
         if self.writer is not None and not self._closed:
             try:
-                ray.get(self.writer.abort.remote(), timeout=30)
-            except Exception:  # noqa: BLE001 - best effort: the writer may be the thing that failed
-                pass
-        for h in [s.handle for s in self.slots] + self.peak_actors:
+                ray.get(self.writer.abort.remote(), timeout=30)  # deletes the writer's temporary CXI file
+            except RayError:
+                self.log("[stream] the CXI writer could not remove its temporary file (it had died)")
+        for h in [s.handle for s in self.slots] + self.peak_actors + ([self.writer] if self.writer else []):
             try:
                 ray.kill(h, no_restart=True)
-            except Exception:  # noqa: BLE001
-                pass
-        if self.writer is not None:
-            try:
-                ray.kill(self.writer, no_restart=True)
-            except Exception:  # noqa: BLE001
-                pass
+            except RayError:  # already gone
+                continue
         if self.source is not None:
             self.source.close()
         if self.started_ray:
