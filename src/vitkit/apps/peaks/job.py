@@ -252,6 +252,10 @@ def train(cfg) -> Path:
     ]
     trainer = L.Trainer(default_root_dir=str(run_dir), logger=CSVLogger(str(run_dir), name="logs", version=""),
                         callbacks=callbacks, deterministic=True, plugins=[AtomicCheckpointIO()], **trainer_kw)
+    # deterministic=True also fills the memory of every new tensor (fill_uninitialized_memory): ~18 % of a
+    # training step's CPU time on the tiny model. vitkit reads no memory it has not written, so the results are
+    # the same bit for bit without it (the exact-resume tests compare runs to the last bit).
+    torch.utils.deterministic.fill_uninitialized_memory = False
     trainer.fit(module, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
     from torch.distributed.fsdp import FSDPModule
 
