@@ -123,7 +123,7 @@ def tree_rss_mib(root: int) -> float:
 def soak_once(ckpt: Path, tmp: Path, n: int, policy: str, rate_hz: float | None, args) -> dict:
     import threading
 
-    from vitkit.apps.peaks.stream.zmq import produce
+    from vitkit.apps.peaks.stream.producer import produce
     from vitkit.apps.peaks.synthetic import SynthConfig, SyntheticPeakDataset
 
     ds = SyntheticPeakDataset(16, SynthConfig(shape=tuple(args.soak_size)), seed=1)

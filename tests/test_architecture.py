@@ -42,6 +42,7 @@ ALLOWED_UPWARD: dict[tuple[str, str], str] = {}
 # Modules that need an optional dependency to import: (module, the dependency it reports missing).
 OPTIONAL: dict[str, str] = {
     "vitkit.apps.peaks.stream.ray": "ray",
+    "vitkit.apps.peaks.stream.remote": "ray",
 }
 
 

@@ -453,7 +453,7 @@ def test_zmq_source_multi_panel_malformed_messages_and_a_killed_actor(model_run,
     from stream_faults import run_with_kill
     from vitkit.apps.peaks.finder import PeakFinder
     from vitkit.apps.peaks.job import predict
-    from vitkit.apps.peaks.stream.zmq import encode_event
+    from vitkit.apps.peaks.stream.producer import encode_event
 
     n = 16
     ds = SyntheticPeakDataset(4 * n, SynthConfig(shape=SHAPE), seed=SEED + 2)
@@ -514,7 +514,7 @@ def run_soak(model_run, tmp_path, n: int, *extra: str, rate_hz: float | None = N
     that sends as fast as the socket takes them (or at `rate_hz`). Returns (stats, producer result, stderr)."""
     import threading
 
-    from vitkit.apps.peaks.stream.zmq import produce
+    from vitkit.apps.peaks.stream.producer import produce
 
     ds = SyntheticPeakDataset(8, SynthConfig(shape=SHAPE), seed=SEED)
     pool = [ds[i]["image"].numpy()[0] for i in range(8)]
@@ -558,8 +558,8 @@ def test_zmq_drop_oldest_counts_every_event_it_drops(model_run, ray_local, tmp_p
     are dropped: written + dropped = sent, the drops are warned about, nothing is written twice."""
     import threading
 
+    from vitkit.apps.peaks.stream.producer import produce
     from vitkit.apps.peaks.stream.ray import run_stream
-    from vitkit.apps.peaks.stream.zmq import produce
 
     n = 300
     ds = SyntheticPeakDataset(8, SynthConfig(shape=SHAPE), seed=SEED)

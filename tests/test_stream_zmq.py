@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import zmq
 
-from vitkit.apps.peaks.stream.zmq import ZmqStream, encode_event, produce, producer_main
+from vitkit.apps.peaks.stream.producer import encode_event, produce, producer_main
+from vitkit.apps.peaks.stream.zmq import ZmqStream
 from vitkit.errors import ConfigError, InputError
 
 DEADLINE_S = 10.0

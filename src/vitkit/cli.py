@@ -237,7 +237,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
 
 def cmd_stream_producer(args: argparse.Namespace) -> int:
-    from vitkit.apps.peaks.stream.zmq import producer_main
+    from vitkit.apps.peaks.stream.producer import producer_main
 
     return producer_main(args.args)
 

@@ -102,33 +102,12 @@ class Aggregator(nn.Module):
                  pixel_std: Sequence[float] | None = IMAGENET_STD, device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        if n_storage_tokens is not None and num_register_tokens is not None and n_storage_tokens != num_register_tokens:
-            raise ConfigError(f"n_storage_tokens={n_storage_tokens} and num_register_tokens={num_register_tokens} "
-                              f"name the same thing (register tokens per frame); pass one")
-        R = next((v for v in (n_storage_tokens, num_register_tokens) if v is not None), 4)
-        if R < 0:
-            raise ConfigError(f"n_storage_tokens must be >= 0, got {R}")
+        R = self._check_arguments(img_size, patch_size, embed_dim, depth, num_heads, n_storage_tokens,
+                                  num_register_tokens, aa_order, aa_block_size, rope_freq, in_chans, pixel_mean,
+                                  pixel_std)
         aa_order = list(aa_order)
-        if sorted(aa_order) != ["frame", "global"]:
-            raise ConfigError(f"aa_order must hold 'frame' and 'global' once each, e.g. ['frame', 'global']; "
-                              f"got {aa_order}")
-        if depth < 1 or aa_block_size < 1 or depth % aa_block_size:
-            raise ConfigError(f"depth ({depth}) must be a positive multiple of aa_block_size ({aa_block_size})")
-        if embed_dim % num_heads:
-            raise ConfigError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
-            raise ConfigError(f"img_size {self.img_size} is not divisible by patch_size {patch_size}")
         use_rope = rope_freq is not None and rope_freq > 0
-        if use_rope and (embed_dim // num_heads) % 4:
-            raise ConfigError(f"RoPE needs a head width divisible by 4; embed_dim/num_heads = "
-                              f"{embed_dim // num_heads}. Change num_heads or pass rope_freq=None")
-        if (pixel_mean is None) != (pixel_std is None):
-            raise ConfigError("give both pixel_mean and pixel_std, or neither")
-        if pixel_mean is not None and not len(pixel_mean) == len(pixel_std) == in_chans:
-            raise ConfigError(f"pixel_mean/pixel_std need {in_chans} values for in_chans={in_chans}, got "
-                              f"{len(pixel_mean)}/{len(pixel_std)}; pass statistics of your data, or None for "
-                              f"inputs that are already normalised")
 
         self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
         self.patch_size, self.in_chans = patch_size, in_chans
@@ -164,6 +143,38 @@ class Aggregator(nn.Module):
         else:
             self.pixel_mean = self.pixel_std = None
         self.init_weights()
+
+    @staticmethod
+    def _check_arguments(img_size, patch_size, embed_dim, depth, num_heads, n_storage_tokens, num_register_tokens,
+                         aa_order, aa_block_size, rope_freq, in_chans, pixel_mean, pixel_std) -> int:
+        """Refuse inconsistent arguments (before anything is built); returns the register tokens per frame."""
+        if n_storage_tokens is not None and num_register_tokens is not None and n_storage_tokens != num_register_tokens:
+            raise ConfigError(f"n_storage_tokens={n_storage_tokens} and num_register_tokens={num_register_tokens} "
+                              f"name the same thing (register tokens per frame); pass one")
+        R = next((v for v in (n_storage_tokens, num_register_tokens) if v is not None), 4)
+        if R < 0:
+            raise ConfigError(f"n_storage_tokens must be >= 0, got {R}")
+        if sorted(aa_order) != ["frame", "global"]:
+            raise ConfigError(f"aa_order must hold 'frame' and 'global' once each, e.g. ['frame', 'global']; "
+                              f"got {list(aa_order)}")
+        if depth < 1 or aa_block_size < 1 or depth % aa_block_size:
+            raise ConfigError(f"depth ({depth}) must be a positive multiple of aa_block_size ({aa_block_size})")
+        if embed_dim % num_heads:
+            raise ConfigError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if size[0] % patch_size or size[1] % patch_size:
+            raise ConfigError(f"img_size {size} is not divisible by patch_size {patch_size}")
+        use_rope = rope_freq is not None and rope_freq > 0
+        if use_rope and (embed_dim // num_heads) % 4:
+            raise ConfigError(f"RoPE needs a head width divisible by 4; embed_dim/num_heads = "
+                              f"{embed_dim // num_heads}. Change num_heads or pass rope_freq=None")
+        if (pixel_mean is None) != (pixel_std is None):
+            raise ConfigError("give both pixel_mean and pixel_std, or neither")
+        if pixel_mean is not None and not len(pixel_mean) == len(pixel_std) == in_chans:
+            raise ConfigError(f"pixel_mean/pixel_std need {in_chans} values for in_chans={in_chans}, got "
+                              f"{len(pixel_mean)}/{len(pixel_std)}; pass statistics of your data, or None for "
+                              f"inputs that are already normalised")
+        return R
 
     # ------------------------------------------------------------------------------------------ build
     def _build_patch_embed(self, patch_embed: str | nn.Module, pretrained: bool | str | Path,
