@@ -178,28 +178,14 @@ def train(cfg) -> Path:
     """Train with a composed config, then predict and evaluate the held-out frames. Returns the run dir."""
     import lightning as L
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-    from lightning.pytorch.loggers import CSVLogger
     from omegaconf import OmegaConf
 
     from vitkit.apps.peaks.curves import plot_curves
     from vitkit.apps.peaks.datamodule import PeakDataModule
     from vitkit.tasks.train import SegmentationModule
-    from vitkit.tasks.train.checkpoint import AtomicCheckpointIO  # every checkpoint renamed into place
 
-    resume_ckpt = None
-    if cfg.resume:
-        resume = Path(cfg.resume)
-        resume_ckpt = resume / "checkpoints" / "last.ckpt" if resume.is_dir() else resume
-        if not resume_ckpt.exists():
-            raise FileNotFoundError(f"cannot resume: {resume_ckpt} does not exist")
-        run_dir = resume_ckpt.parent.parent if resume.is_dir() or resume_ckpt.parent.name == "checkpoints" \
-            else resume_ckpt.parent
-    else:
-        run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir, resume_ckpt = _run_dir(cfg)
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model = instantiate(model_cfg)
@@ -209,53 +195,7 @@ def train(cfg) -> Path:
         from vitkit.apps.peaks.geom import write_geom
 
         write_geom(data.detector, run_dir / "detector.geom")
-
-    class Provenance(Callback):
-        """Store the model config and every rank's RNG states in each checkpoint (exact resume; ranks
-        draw different amounts of randomness, e.g. the loss's point sampling depends on the data)."""
-
-        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-            checkpoint[MODEL_CONFIG_KEY] = model_cfg
-            state = {"torch": torch.get_rng_state(),
-                     "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
-            states = [state]
-            if trainer.world_size > 1:  # collective: every rank saves (rank 0 writes the metadata)
-                states = [None] * trainer.world_size
-                torch.distributed.all_gather_object(states, state)
-            checkpoint["vitkit_rng"] = states
-
-        def on_load_checkpoint(self, trainer, pl_module, checkpoint):
-            states = checkpoint.get("vitkit_rng")
-            if not states:
-                return
-            if len(states) != trainer.world_size:
-                import warnings
-
-                warnings.warn(f"checkpoint has RNG states of {len(states)} ranks, resuming on "
-                              f"{trainer.world_size}: the run continues but is not bit-identical", stacklevel=1)
-            rng = states[trainer.global_rank % len(states)]
-            torch.set_rng_state(rng["torch"])
-            state = list(np.random.get_state())
-            state[1] = rng["numpy"].numpy().astype(np.uint32)
-            np.random.set_state(tuple(state))
-
-    trainer_kw = OmegaConf.to_container(cfg.trainer, resolve=True)
-    options = trainer_kw.pop("strategy_options", None)
-    trainer_kw["strategy"] = build_strategy(trainer_kw.get("strategy", "auto"), options)
-    ckpt_dir = run_dir / "checkpoints"
-    callbacks = [
-        Provenance(),
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/pixel_iou", mode="max", save_last=True,
-                         save_on_train_epoch_end=True),
-        TQDMProgressBar(refresh_rate=max(1, int(os.environ.get("VITKIT_PROGRESS_REFRESH", 1)))),
-        LearningRateMonitor(logging_interval="step"),  # logs/metrics.csv: lr-AdamW/pg<i> per parameter group
-    ]
-    trainer = L.Trainer(default_root_dir=str(run_dir), logger=CSVLogger(str(run_dir), name="logs", version=""),
-                        callbacks=callbacks, deterministic=True, plugins=[AtomicCheckpointIO()], **trainer_kw)
-    # deterministic=True also fills the memory of every new tensor (fill_uninitialized_memory): ~18 % of a
-    # training step's CPU time on the tiny model. vitkit reads no memory it has not written, so the results are
-    # the same bit for bit without it (the exact-resume tests compare runs to the last bit).
-    torch.utils.deterministic.fill_uninitialized_memory = False
+    trainer = _trainer(cfg, run_dir, model_cfg)
     trainer.fit(module, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
     from torch.distributed.fsdp import FSDPModule
 
@@ -271,17 +211,67 @@ def train(cfg) -> Path:
     plot_curves(run_dir / "logs" / "metrics.csv", run_dir / "curves.png")
     model.eval()
     model.save_pretrained(run_dir / "model")
-
     test = data.frames("test")
     if test is not None:
-        true_masks, true_peaks, weak = truth_of(test)
-        p = cfg.predict
-        finder = PeakFinder(model, data.detector, good=None, overlap=p.overlap, min_pixels=p.min_pixels,
-                            min_peaks=p.min_peaks, max_peaks=p.max_peaks, threshold=p.threshold)
-        res = predict(finder, test, run_dir, overlays=p.overlays, truth=true_peaks, keep_masks=True)
-        metrics = evaluate(res["masks"], res["peaks"], true_masks, true_peaks, radius=p.radius, weak=weak)
-        metrics["num_frames"] = len(test)
-        write_json(run_dir / "metrics.json", metrics)
-        print("held-out frames:\n" + format_metrics(metrics))
+        _evaluate_held_out(cfg.predict, model, data.detector, test, run_dir)
     return run_dir
 
+
+def _run_dir(cfg) -> tuple[Path, Path | None]:
+    """``(run directory, checkpoint to resume from or None)``: a new run (``run_dir`` or ``runs/<time>``), or the
+    run of ``resume`` (a run directory or a checkpoint file)."""
+    resume_ckpt = None
+    if cfg.resume:
+        resume = Path(cfg.resume)
+        resume_ckpt = resume / "checkpoints" / "last.ckpt" if resume.is_dir() else resume
+        if not resume_ckpt.exists():
+            raise FileNotFoundError(f"cannot resume: {resume_ckpt} does not exist")
+        run_dir = resume_ckpt.parent.parent if resume.is_dir() or resume_ckpt.parent.name == "checkpoints" \
+            else resume_ckpt.parent
+    else:
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, resume_ckpt
+
+
+def _trainer(cfg, run_dir: Path, model_cfg: dict):
+    """The Lightning trainer of a run: its strategy, checkpoints (best and last, written atomically through
+    :class:`~vitkit.tasks.train.checkpoint.AtomicCheckpointIO`, carrying the model config and every rank's RNG
+    states), progress bar, learning-rate log and CSV log."""
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+    from omegaconf import OmegaConf
+
+    from vitkit.tasks.train.checkpoint import AtomicCheckpointIO, RunProvenance
+
+    trainer_kw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    options = trainer_kw.pop("strategy_options", None)
+    trainer_kw["strategy"] = build_strategy(trainer_kw.get("strategy", "auto"), options)
+    callbacks = [
+        RunProvenance({MODEL_CONFIG_KEY: model_cfg}),
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/pixel_iou", mode="max",
+                        save_last=True, save_on_train_epoch_end=True),
+        TQDMProgressBar(refresh_rate=max(1, int(os.environ.get("VITKIT_PROGRESS_REFRESH", 1)))),
+        LearningRateMonitor(logging_interval="step"),  # logs/metrics.csv: lr-AdamW/pg<i> per parameter group
+    ]
+    trainer = L.Trainer(default_root_dir=str(run_dir), logger=CSVLogger(str(run_dir), name="logs", version=""),
+                        callbacks=callbacks, deterministic=True, plugins=[AtomicCheckpointIO()], **trainer_kw)
+    # deterministic=True also fills the memory of every new tensor (fill_uninitialized_memory): ~18 % of a
+    # training step's CPU time on the tiny model. vitkit reads no memory it has not written, so the results are
+    # the same bit for bit without it (the exact-resume tests compare runs to the last bit).
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    return trainer
+
+
+def _evaluate_held_out(p, model, detector, test, run_dir: Path) -> None:
+    """Predict the held-out frames with the trained model (``p``: the ``predict`` config) into the run directory,
+    evaluate against their truth and write ``metrics.json``."""
+    true_masks, true_peaks, weak = truth_of(test)
+    finder = PeakFinder(model, detector, good=None, overlap=p.overlap, min_pixels=p.min_pixels,
+                        min_peaks=p.min_peaks, max_peaks=p.max_peaks, threshold=p.threshold)
+    res = predict(finder, test, run_dir, overlays=p.overlays, truth=true_peaks, keep_masks=True)
+    metrics = evaluate(res["masks"], res["peaks"], true_masks, true_peaks, radius=p.radius, weak=weak)
+    metrics["num_frames"] = len(test)
+    write_json(run_dir / "metrics.json", metrics)
+    print("held-out frames:\n" + format_metrics(metrics))
