@@ -21,7 +21,7 @@ from typing import Any
 from vitkit.apps.compose import compose
 from vitkit.errors import ConfigError
 
-__all__ = ["SourceConfig", "DetectorConfig", "ModelConfig", "PeaksConfig", "OutputConfig", "RayConfig", "FaultConfig",
+__all__ = ["SourceConfig", "DetectorConfig", "ModelConfig", "PeaksConfig", "OutputConfig", "RayConfig",
            "StreamConfig", "load_stream_config", "check_config"]
 
 SOURCE_KINDS = ("synthetic", "files", "queue", "zmq")
@@ -159,18 +159,6 @@ class RayConfig:
 
 
 @dataclass
-class FaultConfig:
-    """Retired: fault injection is no longer part of a production run; the tests subclass
-    :class:`~vitkit.apps.peaks.stream.ray.StreamPipeline` (``on_loop``) to kill an actor. The keys are still read so
-    that configs written before stay loadable (all at their defaults); a value other than the default is refused.
-    To be deleted with the ``fault:`` block of ``configs/stream/default.yaml``."""
-
-    kill_actor_after_batches: int | None = None
-    kill_mode: str = "ray_kill"
-    await_restart: bool = True
-
-
-@dataclass
 class StreamConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
@@ -178,7 +166,6 @@ class StreamConfig:
     peaks: PeaksConfig = field(default_factory=PeaksConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    fault: FaultConfig = field(default_factory=FaultConfig)
     max_frames_in_flight: int = 64
     """Events read from the source and not yet written to the CXI, at most (bounded memory, backpressure)."""
     report_every_s: float = 5.0
@@ -344,7 +331,4 @@ def check_config(cfg: StreamConfig) -> StreamConfig:
     if cfg.max_frames_in_flight < m.batch_size:
         raise ConfigError(f"stream config: max_frames_in_flight ({cfg.max_frames_in_flight}) must be >= "
                           f"model.batch_size ({m.batch_size}); raise the cap or lower the batch size.")
-    if cfg.fault != FaultConfig():
-        raise ConfigError(f"stream config: fault.* ({cfg.fault}) is retired: a production run injects no faults. Tests "
-                          "kill actors with a StreamPipeline subclass (tests/stream_faults.py); drop the fault keys.")
     return cfg
