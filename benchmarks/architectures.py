@@ -385,8 +385,8 @@ class PanelPool:
     """``n`` training panels prepared once; crops drawn as ``CropDataset`` draws them for a lattice source.
 
     ``crop(key)`` equals ``CropDataset(source, crop, sigma, seed, peak_bias, uniform=True, ...)[key]`` of the
-    data module (its placement rule, :meth:`CropDataset.box`); ``batches()`` yields the batches its training loader yields (the
-    ``EpochSeededSampler`` order, ``drop_last``)."""
+    data module (its placement rule, :meth:`CropDataset.box`); ``batches()`` yields the batches its training
+    loader yields (the ``EpochSeededSampler`` order, ``drop_last``)."""
 
     def __init__(self, data_cfg: dict[str, Any], seed: int, n: int, workers: int = 0, progress: bool = True):
         from vitkit.apps.peaks.datamodule import CropDataset, PeakDataModule

@@ -43,3 +43,20 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` (not a package) once per process, as module ``vitkit_benchmarks_<name>``."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    mod_name = f"vitkit_benchmarks_{name}"
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod

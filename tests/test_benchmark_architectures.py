@@ -3,29 +3,15 @@ model contract, and a tiny end-to-end run writes the table, JSON and plot (and s
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import load_benchmark
 
-def _load():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "architectures.py"
-    name = "vitkit_benchmarks_architectures"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
-A = _load()
+A = load_benchmark("architectures")
 
 
 @pytest.fixture(autouse=True)

@@ -7,16 +7,14 @@ cannot import dials. The peakfinder8 tests skip without psana's wheel (``pip ins
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import load_benchmark
 from vitkit.apps.peaks import dials as vd
 from vitkit.apps.peaks.detector import builtin_detector
 
@@ -210,20 +208,8 @@ def test_index_stills_rejects_bad_arguments(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- peakfinder8
-def _load_pf8_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pf8.py"
-    name = "vitkit_benchmarks_pf8"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
 try:
-    pf8 = _load_pf8_module()
+    pf8 = load_benchmark("pf8")
 except Exception as e:  # noqa: BLE001 - the benchmark module itself is broken or a dependency is missing
     pf8, PF8_OK, PF8_WHY = None, False, f"benchmarks/pf8.py cannot be imported: {type(e).__name__}: {e}"
 else:

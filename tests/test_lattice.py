@@ -311,7 +311,8 @@ def test_jet_streak_is_a_line_through_the_beam_and_never_a_peak():
         xyz = EPIX.pixel_xyz(int(k))
         d_px = np.abs(xyz[..., 0] * math.sin(phi) - xyz[..., 1] * math.cos(phi)) * EPIX.panels[int(k)].res
         r_px = np.hypot(xyz[..., 0], xyz[..., 1]) * EPIX.panels[int(k)].res
-        near, beside = (d_px < 1.0) & on.good[pos] & (r_px < 600), (d_px > 6) & (d_px < 20) & on.good[pos] & (r_px < 600)
+        inner = on.good[pos] & (r_px < 600)
+        near, beside = (d_px < 1.0) & inner, (d_px > 6) & (d_px < 20) & inner
         if near.sum() < 40:
             continue
         crossed += 1
