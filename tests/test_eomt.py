@@ -138,6 +138,26 @@ def test_upscale_rule():
         num_upscale_blocks(16, 32)
 
 
+
+def test_tapered_upscaler_widths_masks_and_round_trip(tmp_path):
+    model = _tiny(mask_stride=2, upscale_dims=[24, 16, 8]).eval()
+    assert [b.conv2.out_channels for b in model.upscale] == [24, 16, 8]
+    assert model.mask_head[-1].out_features == 8
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        masks, _ = model(x)
+    assert masks[-1].shape == (2, 4, 32, 32)
+    model.save_pretrained(tmp_path / "m")
+    again = vitkit.from_pretrained(tmp_path / "m")
+    assert [b.conv2.out_channels for b in again.upscale] == [24, 16, 8]
+    with torch.no_grad():
+        assert torch.equal(again(x)[0][-1], masks[-1])
+    # the default is the official width throughout, and its config.json does not mention the option
+    assert [b.conv2.out_channels for b in _tiny(mask_stride=2).upscale] == [32, 32, 32]
+    assert "upscale_dims" not in _tiny().init_config
+    with pytest.raises(ConfigError, match="one positive width per ScaleBlock"):
+        _tiny(mask_stride=2, upscale_dims=[16, 8])
+
 def test_inference_skips_intermediate_masks():
     model = _tiny().eval()
     x = torch.randn(1, 1, 64, 64)
@@ -362,3 +382,59 @@ def test_upscaler_runs_channels_last(batch):
         model(torch.randn(batch, 3, 64, 64))
     assert len(layouts) == 2 * len(model.upscale)  # one intermediate prediction (masks on) + the final one
     assert all(channel_stride == 1 and cl_out for channel_stride, cl_out in layouts)
+
+
+def _sparse_tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = _tiny(patch_size=8, mask_stride=1, upscale_dims=[16, 8, 8], token_scorer_block=1, **kw).eval()
+    model.attn_mask_probs.zero_()  # an inference model: masked attention annealed away
+    return model
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_sparse_tokens_keeping_everything_is_the_dense_model(rope):
+    model = _sparse_tiny(backbone="dinov3_vits16") if rope else _sparse_tiny()
+    assert (model.encoder.rope_embed is not None) == rope
+    x = torch.randn(3, 1, 64, 64)
+    with torch.no_grad():
+        dense_m, dense_c = model(x)
+        m, c, keep = model.forward_sparse(x, threshold=float("-inf"))
+        none_m, _, none_keep = model.forward_sparse(x, threshold=float("inf"))
+    assert keep.all() and keep.shape == (3, 8, 8)
+    torch.testing.assert_close(m[-1], dense_m[-1], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(c[-1], dense_c[-1], atol=2e-5, rtol=1e-4)
+    assert not none_keep.any() and bool((none_m[-1] == -1e4).all())
+
+
+def test_sparse_tokens_pad_per_image_and_drop_unkept_pixels():
+    """Images with different kept-token counts batched together give what each gives alone (the padding keys
+    are masked out), and a dropped token's pixels have no class."""
+    model = _sparse_tiny()
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        scores = model.token_scores(model.token_features(x)[0])
+        thr = float(scores[0].quantile(0.8))  # image 0 keeps a few tokens (+ neighbours), image 1 another count
+        m, c, keep = model.forward_sparse(x, threshold=thr)
+        for i in range(2):
+            mi, ci, ki = model.forward_sparse(x[i:i + 1], threshold=thr)
+            assert torch.equal(ki[0], keep[i])
+            if ki.any():
+                torch.testing.assert_close(mi[-1][0], m[-1][i], atol=2e-5, rtol=1e-4)
+                torch.testing.assert_close(ci[-1][0], c[-1][i], atol=2e-5, rtol=1e-4)
+    assert 0 < int(keep[0].sum()) < 64 and int(keep[0].sum()) != int(keep[1].sum())
+    px = keep[:, :, None, :, None].expand(-1, -1, 8, -1, 8).reshape(2, 64, 64)
+    assert bool((m[-1].permute(1, 0, 2, 3)[:, ~px] == -1e4).all())
+    assert bool((m[-1].permute(1, 0, 2, 3)[:, px] > -1e4).all())
+
+
+def test_sparse_tokens_refuse_a_model_in_training_or_without_a_scorer():
+    model = _sparse_tiny()
+    with pytest.raises(ConfigError, match="inference only"):
+        model.train().forward_sparse(torch.randn(1, 1, 64, 64))
+    model.eval().attn_mask_probs.fill_(1.0)
+    with pytest.raises(ConfigError, match="annealed away"):
+        model.forward_sparse(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ConfigError, match="no token scorer"):
+        _tiny().eval().token_features(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ConfigError, match="token_scorer_block=5"):
+        _tiny(token_scorer_block=5)

@@ -32,15 +32,17 @@ from vitkit.weights.io import find_weights_file, read_json
 
 
 class ScaleBlock(nn.Module):
-    """x2 upsampling: ConvTranspose2d(k2, s2) -> GELU -> depthwise 3x3 conv -> LayerNorm2d."""
+    """x2 upsampling: ConvTranspose2d(k2, s2) -> GELU -> depthwise 3x3 conv -> LayerNorm2d, from ``dim`` to
+    ``out_dim`` channels (default ``dim``, as the official EoMT)."""
 
-    def __init__(self, dim: int, device=None, dtype=None):
+    def __init__(self, dim: int, out_dim: int | None = None, device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.conv1 = nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2, **dd)
+        out = dim if out_dim is None else out_dim
+        self.conv1 = nn.ConvTranspose2d(dim, out, kernel_size=2, stride=2, **dd)
         self.act = nn.GELU()
-        self.conv2 = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=False, **dd)
-        self.norm = LayerNorm2d(dim, eps=1e-6, **dd)
+        self.conv2 = nn.Conv2d(out, out, kernel_size=3, padding=1, groups=out, bias=False, **dd)
+        self.norm = LayerNorm2d(out, eps=1e-6, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.conv2(self.act(self.conv1(x))))
@@ -96,6 +98,13 @@ class EoMT(nn.Module):
         mask_stride: output mask resolution as input / mask_stride (1 = full resolution); None keeps the
             official rule (1/4 for patch 16, 1/7 for patch 14).
         masked_attn_enabled: False never computes intermediate masks (pure inference model).
+        token_scorer_block: give the model a per-token scorer read after this many blocks, for sparse-token
+            inference (:meth:`forward_sparse`); its weights and threshold are fitted after training
+            (:func:`vitkit.apps.peaks.sparse.fit_token_scorer`). None: no scorer (dense inference only).
+        upscale_dims: channels after each ScaleBlock (one per block), e.g. ``[64, 32, 16]`` for patch 8 at
+            full resolution: a tapered upscaler like a U-Net decoder's, whose full-resolution levels cost a
+            fraction of the official one's (the mask head then embeds queries in the last width). None: the
+            embedding width throughout (official EoMT; its checkpoints need it).
         pixel_mean, pixel_std: optional per-channel input normalisation done inside the model
             (official checkpoints use ImageNet statistics); None leaves inputs untouched.
 
@@ -108,7 +117,8 @@ class EoMT(nn.Module):
                  num_blocks: int = 4, img_size: int | tuple[int, int] | None = None, in_chans: int = 3,
                  mask_stride: int | None = None, masked_attn_enabled: bool = True,
                  pretrained: bool | str | Path = False, pixel_mean: list[float] | None = None,
-                 pixel_std: list[float] | None = None, **backbone_config: Any):
+                 pixel_std: list[float] | None = None, upscale_dims: list[int] | None = None,
+                 token_scorer_block: int | None = None, **backbone_config: Any):
         super().__init__()
         if "encoder_name" in backbone_config:  # PeakNet EoMT's old spelling: the same model as the explicit one
             name = backbone_config.pop("encoder_name")
@@ -149,9 +159,15 @@ class EoMT(nn.Module):
         self.register_buffer("attn_mask_probs", torch.ones(num_blocks))
         self.q = nn.Embedding(num_q, D)
         self.class_head = nn.Linear(D, num_classes + 1)
-        self.mask_head = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D), nn.GELU(), nn.Linear(D, D))
-        p = encoder.patch_size
-        self.upscale = nn.Sequential(*[ScaleBlock(D) for _ in range(num_upscale_blocks(p, mask_stride))])
+        n_up = num_upscale_blocks(encoder.patch_size, mask_stride)
+        if upscale_dims is not None:
+            upscale_dims = [int(c) for c in upscale_dims]
+            if len(upscale_dims) != n_up or min(upscale_dims, default=1) < 1:
+                raise ConfigError(f"upscale_dims={upscale_dims} needs one positive width per ScaleBlock; this "
+                                  f"patch size and mask_stride give {n_up} blocks")
+        dims = [D] + (upscale_dims if upscale_dims is not None else [D] * n_up)
+        self.mask_head = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D), nn.GELU(), nn.Linear(D, dims[-1]))
+        self.upscale = nn.Sequential(*[ScaleBlock(a, b) for a, b in zip(dims[:-1], dims[1:])])
         if (pixel_mean is None) != (pixel_std is None):
             raise ConfigError("give both pixel_mean and pixel_std, or neither")
         if pixel_mean is not None:
@@ -162,6 +178,27 @@ class EoMT(nn.Module):
         self.grad_checkpointing = False
         self.init_config = dict(num_classes=num_classes, num_q=num_q, num_blocks=num_blocks, mask_stride=mask_stride,
                                 masked_attn_enabled=masked_attn_enabled, pixel_mean=pixel_mean, pixel_std=pixel_std)
+        if upscale_dims is not None:  # official models' config.json stays as it was
+            self.init_config["upscale_dims"] = upscale_dims
+        self.token_scorer = None
+        if token_scorer_block is not None:
+            self.add_token_scorer(token_scorer_block)
+
+    def add_token_scorer(self, block: int) -> None:
+        """Give the model a (new, untrained) per-patch-token scorer read after ``block`` blocks, before the
+        queries join, and a sparse-token threshold (logit; saved with the weights). :meth:`forward_sparse`
+        keeps the tokens scored above it."""
+        first = len(self.encoder.blocks) - self.num_blocks
+        if not 0 <= int(block) <= first:
+            raise ConfigError(f"token_scorer_block={block} must be between 0 (the patch embeddings) and {first} "
+                              f"(the blocks before the queries join)")
+        D = self.encoder.embed_dim
+        dev, dt = self.q.weight.device, self.q.weight.dtype
+        self.token_scorer = nn.Sequential(nn.LayerNorm(D, elementwise_affine=False),
+                                          nn.Linear(D, 1, device=dev, dtype=dt))
+        self.register_buffer("token_threshold", torch.zeros((), device=dev, dtype=torch.float32))
+        self.token_scorer_block = int(block)
+        self.init_config["token_scorer_block"] = int(block)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute backbone blocks and the upscaler in the backward pass (less training memory)."""
@@ -250,6 +287,84 @@ class EoMT(nn.Module):
         masks_per_layer.append(mask_logits)
         classes_per_layer.append(class_logits)
         return masks_per_layer, classes_per_layer
+
+    def token_features(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], Any]:
+        """Tokens ``[B, prefix + HW, D]`` after the scorer's first ``token_scorer_block`` blocks, the patch grid
+        and the RoPE tables (what :meth:`forward_sparse` continues from, and what the scorer is fitted on)."""
+        if self.token_scorer is None:
+            raise ConfigError("this EoMT has no token scorer: build it with token_scorer_block=k (or call "
+                              "add_token_scorer(k)) and fit it (vitkit.apps.peaks.sparse.fit_token_scorer)")
+        enc = self.encoder
+        if self.pixel_mean is not None:
+            enc.check_input(x)
+            x = (x - self.pixel_mean) / self.pixel_std
+        tokens, grid = enc.prepare_tokens(x)
+        rope = enc.rope(grid)
+        for i in range(self.token_scorer_block):
+            tokens = enc.run_block(i, tokens, grid, rope)
+        return tokens, grid, rope
+
+    def token_scores(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Scorer logits ``[B, HW]`` of the patch tokens in ``tokens`` (from :meth:`token_features`)."""
+        return self.token_scorer(tokens[:, self.encoder.num_prefix_tokens:]).squeeze(-1).float()
+
+    def forward_sparse(self, x: torch.Tensor, threshold: float | None = None
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Sparse-token inference: the blocks after ``token_scorer_block`` and the mask decoder run only on patch
+        tokens scored above ``threshold`` (default: the fitted ``token_threshold``) and their 8 neighbours.
+
+        Images none of whose tokens is kept skip the rest of the model; the others run the remaining blocks on
+        ``[queries | prefix | kept patches]`` (padding keys masked out), and their kept tokens are scattered back
+        onto the patch grid (dropped ones zero) for the upscaler. Pixels of dropped tokens get mask logits of
+        -1e4 for every query, i.e. no class at all (:func:`~vitkit.tasks.postprocess.semantic_probs` gives 0).
+        Needs masked attention annealed away (an inference model). Returns ``([mask_logits], [class_logits],
+        keep)`` with ``keep`` bool ``[B, gh, gw]``, the kept tokens.
+        """
+        if self.training:
+            raise ConfigError("forward_sparse is inference only (call .eval())")
+        if self.masked_attn_enabled and bool((self.attn_mask_probs > 0).any()):
+            raise ConfigError("forward_sparse needs masked attention annealed away (attn_mask_probs all 0), as "
+                              "after training")
+        enc = self.encoder
+        tokens, grid, rope = self.token_features(x)
+        B, N, D = tokens.shape
+        P, Q, HW = enc.num_prefix_tokens, self.num_q, grid[0] * grid[1]
+        thr = float(self.token_threshold) if threshold is None else float(threshold)
+        keep = (self.token_scores(tokens) > thr).view(B, 1, *grid)
+        keep = F.max_pool2d(keep.float(), 3, stride=1, padding=1)[:, 0] > 0  # and the 8 neighbours
+        counts = keep.flatten(1).sum(1)
+        live = torch.nonzero(counts > 0).flatten()
+        out_size = self.mask_size(x.shape[-2], x.shape[-1])
+        masks = tokens.new_full((B, Q, *out_size), -1e4)
+        classes = tokens.new_zeros(B, Q, self.num_classes + 1)
+        if len(live) == 0:
+            return [masks], [classes], keep
+        K = int(counts.max())
+        kept = keep.flatten(1)[live]
+        order = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :K]  # kept tokens first, in order
+        valid = torch.arange(K, device=x.device)[None] < counts[live, None]
+        patches = tokens[live, P:].gather(1, order[..., None].expand(-1, -1, D))
+        sub = torch.cat([tokens[live, :P], patches], 1)
+        sub_rope = None if rope is None else tuple(t[order][:, None] for t in rope)  # [b, 1, K, d] per image
+        first = len(enc.blocks) - self.num_blocks
+        keys = torch.cat([valid.new_ones(len(live), P), valid], 1)
+        for i in range(self.token_scorer_block, len(enc.blocks)):
+            if i == first:
+                sub = torch.cat([self.q.weight[None].expand(len(live), -1, -1).to(sub.dtype), sub], 1)
+                keys = torch.cat([keys.new_ones(len(live), Q), keys], 1)
+            sub = enc.run_block(i, sub, grid, sub_rope, keys[:, None, None, :].expand(-1, 1, keys.shape[1], -1))
+        sub = enc.norm(sub)
+        q = sub[:, :Q]
+        feats = sub.new_zeros(len(live), HW, D)
+        feats.scatter_(1, order[..., None].expand(-1, -1, D), sub[:, Q + P:] * valid[..., None].to(sub.dtype))
+        feats = feats.transpose(1, 2).reshape(len(live), D, *grid)
+        logits = mask_products(self.mask_head(q), self.upscale(feats))
+        if tuple(logits.shape[-2:]) != tuple(out_size):
+            logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+        px = F.interpolate(keep[live, None].float(), size=out_size, mode="nearest")[:, 0] > 0
+        masks[live] = logits.masked_fill(~px[:, None], -1e4).to(masks.dtype)
+        classes[live] = self.class_head(q).to(classes.dtype)
+        return [masks], [classes], keep
 
     # ----------------------------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | Path) -> Path:
