@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vitkit
 from helpers import RTOL, randomise, rel
@@ -406,23 +407,32 @@ def test_sparse_tokens_keeping_everything_is_the_dense_model(rope):
     assert not none_keep.any() and bool((none_m[-1] == -1e4).all())
 
 
-def test_sparse_tokens_pad_per_image_and_drop_unkept_pixels():
-    """Images with different kept-token counts batched together give what each gives alone (the padding keys
-    are masked out), and a dropped token's pixels have no class."""
+def test_sparse_tokens_fill_groups_with_real_tokens_and_drop_the_others():
+    """Images with different kept-token counts batched together: the one with fewer kept tokens computes as many
+    as the other, filled with its best-scored others (real tokens, no padding mask); each image's result is what
+    it gives alone on the same computed tokens, and pixels of tokens not computed have no class."""
     model = _sparse_tiny()
     x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
         scores = model.token_scores(model.token_features(x)[0])
         thr = float(scores[0].quantile(0.8))  # image 0 keeps a few tokens (+ neighbours), image 1 another count
-        m, c, keep = model.forward_sparse(x, threshold=thr)
+        grown = F.max_pool2d((scores > thr).view(2, 1, 8, 8).float(), 3, stride=1, padding=1)[:, 0] > 0
+        m, c, computed = model.forward_sparse(x, threshold=thr)
+        n0, n1 = int(grown[0].sum()), int(grown[1].sum())
+        assert 0 < min(n0, n1) < max(n0, n1) < 64
+        assert int(computed[0].sum()) == int(computed[1].sum()) == max(n0, n1)  # one group: the larger count
+        assert bool((computed | ~grown).all())  # every kept token is computed
+        lo = 0 if n0 < n1 else 1  # the image filled up: with its best-scored tokens outside the kept ones
+        extra = computed[lo] & ~grown[lo]
+        assert float(scores[lo].view(8, 8)[extra].min()) >= float(scores[lo].view(8, 8)[~computed[lo]].max())
         for i in range(2):
-            mi, ci, ki = model.forward_sparse(x[i:i + 1], threshold=thr)
-            assert torch.equal(ki[0], keep[i])
-            if ki.any():
-                torch.testing.assert_close(mi[-1][0], m[-1][i], atol=2e-5, rtol=1e-4)
-                torch.testing.assert_close(ci[-1][0], c[-1][i], atol=2e-5, rtol=1e-4)
-    assert 0 < int(keep[0].sum()) < 64 and int(keep[0].sum()) != int(keep[1].sum())
-    px = keep[:, :, None, :, None].expand(-1, -1, 8, -1, 8).reshape(2, 64, 64)
+            mi, ci, ki = model.forward_sparse(x[i:i + 1], keep=computed[i:i + 1])
+            assert torch.equal(ki[0], computed[i])
+            torch.testing.assert_close(mi[-1][0], m[-1][i], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(ci[-1][0], c[-1][i], atol=2e-5, rtol=1e-4)
+        with pytest.raises(ConfigError, match="keep has shape"):
+            model.forward_sparse(x, keep=computed[:1])
+    px = computed[:, :, None, :, None].expand(-1, -1, 8, -1, 8).reshape(2, 64, 64)
     assert bool((m[-1].permute(1, 0, 2, 3)[:, ~px] == -1e4).all())
     assert bool((m[-1].permute(1, 0, 2, 3)[:, px] > -1e4).all())
 

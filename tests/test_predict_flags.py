@@ -291,6 +291,29 @@ def test_mask_good_and_mask_bad_bits(learned_run, data, tmp_path, capsys):
     assert not _in(panel1_left, found[("--mask-bad", "0x5")]).any()
 
 
+def test_sparse_runs_the_fitted_token_scorer_path(learned_run, data, tmp_path, capsys):
+    """`vitkit train` fitted the run's token scorer (sparse.json); --sparse predicts through it: the library's
+    sparse finder's peaks, most of the dense peaks, fewer tokens than the dense path."""
+    import json
+
+    from vitkit.apps.peaks.finder import PeakFinder
+    from vitkit.apps.peaks.metrics import match_peaks
+
+    stats = json.loads((learned_run / "sparse.json").read_text())
+    assert stats["recall"] >= 0.99 and 0 < stats["kept_fraction"] < 1
+    frames = str(data["dir"] / "frames.npy")
+    predict(capsys, learned_run, frames, "--out", str(tmp_path / "d"), "--overlays", "0")
+    predict(capsys, learned_run, frames, "--out", str(tmp_path / "s"), "--overlays", "0", "--sparse")
+    dense, sparse = csv_tables(tmp_path / "d"), csv_tables(tmp_path / "s")
+    assert same_peaks(sparse, library(learned_run, data["frames"], sparse=True))
+    found = sum(match_peaks(np.c_[s["ss"], s["fs"]], np.c_[d["ss"], d["fs"]], 1.0)[0] for d, s in zip(dense, sparse))
+    n = sum(len(d) for d in dense)
+    assert n > 20 and found >= 0.9 * n, (found, n)
+    f = PeakFinder.from_run(learned_run, sparse=True)
+    f(data["frames"][:1])
+    assert 0 < f.kept_tokens[0] < f.kept_tokens[1]
+
+
 def test_dials_needs_a_geometry(learned_run, data, tmp_path, capsys):
     res = cli_here(capsys, "predict", str(learned_run), str(data["dir"] / "frames.npy"), "--dials", "--out",
                    str(tmp_path / "d"), "--overlays", "0")

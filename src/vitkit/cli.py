@@ -113,6 +113,8 @@ def _finder(args: argparse.Namespace):
     kw = dict(overlap=args.overlap)
     if args.threshold is not None:
         kw["threshold"] = args.threshold
+    if args.sparse:
+        kw["sparse"] = True
     if args.command == "predict":
         kw.update(min_peaks=args.min_peaks, max_peaks=args.max_peaks)
         if args.min_pixels is not None:
@@ -298,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "for 0 = good)")
         p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
         p.add_argument("--threshold", type=float, help="peak-class share of a peak core pixel (default 0.6)")
+        p.add_argument("--sparse", action="store_true", help="sparse-token inference: only patch tokens the run's "
+                       "fitted scorer keeps go through the whole model (EoMT.forward_sparse)")
         if name == "predict":
             p.add_argument("--min-peaks", type=int, default=0, help="frames with fewer peaks report none")
             p.add_argument("--max-peaks", type=int, default=2048, help="keep at most this many (brightest)")

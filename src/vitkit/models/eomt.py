@@ -181,6 +181,7 @@ class EoMT(nn.Module):
         if upscale_dims is not None:  # official models' config.json stays as it was
             self.init_config["upscale_dims"] = upscale_dims
         self.token_scorer = None
+        self.sparse_group = 8  # forward_sparse pads this many windows (of similar kept counts) together
         if token_scorer_block is not None:
             self.add_token_scorer(token_scorer_block)
 
@@ -288,6 +289,12 @@ class EoMT(nn.Module):
         classes_per_layer.append(class_logits)
         return masks_per_layer, classes_per_layer
 
+    def remove_token_scorer(self) -> None:
+        """Drop the token scorer and its threshold (the model saves as one built without them)."""
+        self.token_scorer = None
+        self._buffers.pop("token_threshold", None)
+        self.init_config.pop("token_scorer_block", None)
+
     def token_features(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], Any]:
         """Tokens ``[B, prefix + HW, D]`` after the scorer's first ``token_scorer_block`` blocks, the patch grid
         and the RoPE tables (what :meth:`forward_sparse` continues from, and what the scorer is fitted on)."""
@@ -308,17 +315,20 @@ class EoMT(nn.Module):
         """Scorer logits ``[B, HW]`` of the patch tokens in ``tokens`` (from :meth:`token_features`)."""
         return self.token_scorer(tokens[:, self.encoder.num_prefix_tokens:]).squeeze(-1).float()
 
-    def forward_sparse(self, x: torch.Tensor, threshold: float | None = None
+    def forward_sparse(self, x: torch.Tensor, threshold: float | None = None, keep: torch.Tensor | None = None
                        ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """Sparse-token inference: the blocks after ``token_scorer_block`` and the mask decoder run only on patch
-        tokens scored above ``threshold`` (default: the fitted ``token_threshold``) and their 8 neighbours.
+        tokens scored above ``threshold`` (default: the fitted ``token_threshold``) and their 8 neighbours, or on
+        the tokens ``keep`` (bool ``[B, gh, gw]``) when given.
 
-        Images none of whose tokens is kept skip the rest of the model; the others run the remaining blocks on
-        ``[queries | prefix | kept patches]`` (padding keys masked out), and their kept tokens are scattered back
-        onto the patch grid (dropped ones zero) for the upscaler. Pixels of dropped tokens get mask logits of
-        -1e4 for every query, i.e. no class at all (:func:`~vitkit.tasks.postprocess.semantic_probs` gives 0).
+        Images none of whose tokens is kept skip the rest of the model. The others go on in groups of
+        ``sparse_group`` images of similar kept counts, as ``[queries | prefix | K patches]`` with K the group's
+        largest count: an image with fewer kept tokens fills its K with its next-best scored tokens (real tokens,
+        so no attention mask and no padding; it only sees more of its context). The computed tokens are scattered
+        back onto the patch grid (the others zero) for the upscaler; pixels of tokens not computed get mask logits
+        of -1e4 for every query, i.e. no class at all (:func:`~vitkit.tasks.postprocess.semantic_probs` gives 0).
         Needs masked attention annealed away (an inference model). Returns ``([mask_logits], [class_logits],
-        keep)`` with ``keep`` bool ``[B, gh, gw]``, the kept tokens.
+        computed)`` with ``computed`` bool ``[B, gh, gw]``: the tokens that went through the whole model.
         """
         if self.training:
             raise ConfigError("forward_sparse is inference only (call .eval())")
@@ -329,41 +339,46 @@ class EoMT(nn.Module):
         tokens, grid, rope = self.token_features(x)
         B, N, D = tokens.shape
         P, Q, HW = enc.num_prefix_tokens, self.num_q, grid[0] * grid[1]
-        thr = float(self.token_threshold) if threshold is None else float(threshold)
-        keep = (self.token_scores(tokens) > thr).view(B, 1, *grid)
-        keep = F.max_pool2d(keep.float(), 3, stride=1, padding=1)[:, 0] > 0  # and the 8 neighbours
-        counts = keep.flatten(1).sum(1)
+        scores = self.token_scores(tokens)
+        if keep is None:
+            thr = float(self.token_threshold) if threshold is None else float(threshold)
+            keep = F.max_pool2d((scores > thr).view(B, 1, *grid).float(), 3, stride=1, padding=1)[:, 0] > 0
+        elif tuple(keep.shape) != (B, *grid):
+            raise ConfigError(f"forward_sparse: keep has shape {tuple(keep.shape)}, expected {(B, *grid)} (images, "
+                              f"patch rows, patch columns)")
+        keep = keep.to(torch.bool).flatten(1).clone()
+        counts = keep.sum(1)
         live = torch.nonzero(counts > 0).flatten()
         out_size = self.mask_size(x.shape[-2], x.shape[-1])
         masks = tokens.new_full((B, Q, *out_size), -1e4)
         classes = tokens.new_zeros(B, Q, self.num_classes + 1)
         if len(live) == 0:
-            return [masks], [classes], keep
-        K = int(counts.max())
-        kept = keep.flatten(1)[live]
-        order = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :K]  # kept tokens first, in order
-        valid = torch.arange(K, device=x.device)[None] < counts[live, None]
-        patches = tokens[live, P:].gather(1, order[..., None].expand(-1, -1, D))
-        sub = torch.cat([tokens[live, :P], patches], 1)
-        sub_rope = None if rope is None else tuple(t[order][:, None] for t in rope)  # [b, 1, K, d] per image
+            return [masks], [classes], keep.view(B, *grid)
         first = len(enc.blocks) - self.num_blocks
-        keys = torch.cat([valid.new_ones(len(live), P), valid], 1)
-        for i in range(self.token_scorer_block, len(enc.blocks)):
-            if i == first:
-                sub = torch.cat([self.q.weight[None].expand(len(live), -1, -1).to(sub.dtype), sub], 1)
-                keys = torch.cat([keys.new_ones(len(live), Q), keys], 1)
-            sub = enc.run_block(i, sub, grid, sub_rope, keys[:, None, None, :].expand(-1, 1, keys.shape[1], -1))
-        sub = enc.norm(sub)
-        q = sub[:, :Q]
-        feats = sub.new_zeros(len(live), HW, D)
-        feats.scatter_(1, order[..., None].expand(-1, -1, D), sub[:, Q + P:] * valid[..., None].to(sub.dtype))
-        feats = feats.transpose(1, 2).reshape(len(live), D, *grid)
-        logits = mask_products(self.mask_head(q), self.upscale(feats))
-        if tuple(logits.shape[-2:]) != tuple(out_size):
-            logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
-        px = F.interpolate(keep[live, None].float(), size=out_size, mode="nearest")[:, 0] > 0
-        masks[live] = logits.masked_fill(~px[:, None], -1e4).to(masks.dtype)
-        classes[live] = self.class_head(q).to(classes.dtype)
+        # images in order of kept-token count, in groups: one crowded image does not make every image of the
+        # batch compute its token count
+        live = live[torch.argsort(counts[live], stable=True)]
+        for group in live.split(self.sparse_group):
+            n, K = len(group), int(counts[group].max())
+            # the kept tokens first, then the best-scored others
+            order = torch.topk(scores[group].masked_fill(keep[group], float("inf")), K, dim=1).indices
+            keep[group] = keep[group].scatter(1, order, True)
+            sub = torch.cat([tokens[group, :P], tokens[group, P:].gather(1, order[..., None].expand(-1, -1, D))], 1)
+            sub_rope = None if rope is None else tuple(t[order][:, None] for t in rope)  # [n, 1, K, d] per image
+            for i in range(self.token_scorer_block, len(enc.blocks)):
+                if i == first:
+                    sub = torch.cat([self.q.weight[None].expand(n, -1, -1).to(sub.dtype), sub], 1)
+                sub = enc.run_block(i, sub, grid, sub_rope)
+            sub = enc.norm(sub)
+            q = sub[:, :Q]
+            feats = sub.new_zeros(n, HW, D).scatter_(1, order[..., None].expand(-1, -1, D), sub[:, Q + P:])
+            logits = mask_products(self.mask_head(q), self.upscale(feats.transpose(1, 2).reshape(n, D, *grid)))
+            if tuple(logits.shape[-2:]) != tuple(out_size):
+                logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+            px = F.interpolate(keep[group].view(n, 1, *grid).float(), size=out_size, mode="nearest")[:, 0] > 0
+            masks[group] = logits.masked_fill(~px[:, None], -1e4).to(masks.dtype)
+            classes[group] = self.class_head(q).to(classes.dtype)
+        keep = keep.view(B, *grid)
         return [masks], [classes], keep
 
     # ----------------------------------------------------------------------------------- persistence

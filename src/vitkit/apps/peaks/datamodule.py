@@ -161,12 +161,14 @@ class PeakDataModule(L.LightningDataModule):
         negative_bias: probability that a training crop is centred on a random hard negative (a bright valid
             background pixel, :class:`CropDataset`).
         num_train, num_val, num_test: split sizes (panels / panels / shots for ``lattice``; disjoint seeds).
+        num_calib: calibration shots (whole shots, a seed of their own) for fitting the sparse-token scorer
+            (``frames("calib")``); ``files`` calibrates on the validation files.
         lattice, synth: overrides of :class:`~.lattice.LatticeConfig` / :class:`~.synthetic.SynthConfig`.
     """
 
     def __init__(self, source: str = "synthetic", frame_shape: tuple[int, int] = (128, 128),
                  crop: tuple[int, int] = (64, 64), polar_crop_sigma: float | None = 0.33, num_train: int = 512,
-                 num_val: int = 16, num_test: int = 16, seed: int = 0, batch_size: int = 8, num_workers: int = 0,
+                 num_val: int = 16, num_test: int = 16, num_calib: int = 8, seed: int = 0, batch_size: int = 8, num_workers: int = 0,
                  train: str | None = None, val: str | None = None, test: str | None = None, key: str | None = None,
                  synth: dict[str, Any] | None = None, detector: str | None = None, peak_bias: float = 0.0,
                  lattice: dict[str, Any] | None = None, negative_bias: float = 0.0):
@@ -186,8 +188,8 @@ class PeakDataModule(L.LightningDataModule):
                                                       panels=[p.replace(adu_per_photon=None) for p in
                                                               self.detector.panels])
         self.kw = dict(source=source, frame_shape=tuple(frame_shape), crop=tuple(crop), sigma=polar_crop_sigma,
-                       num_train=num_train, num_val=num_val, num_test=num_test, seed=seed, train=train, val=val,
-                       test=test, key=key, synth=dict(synth or {}), detector=self.detector,
+                       num_train=num_train, num_val=num_val, num_test=num_test, num_calib=num_calib, seed=seed,
+                       train=train, val=val, test=test, key=key, synth=dict(synth or {}), detector=self.detector,
                        lattice=dict(lattice or {}))
         self.peak_bias, self.negative_bias = peak_bias, negative_bias
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -201,7 +203,7 @@ class PeakDataModule(L.LightningDataModule):
         self.progress.update(state)
 
     def frames(self, split: str):
-        """The raw frame source of a split (``train``, ``val``, ``test``)."""
+        """The raw frame source of a split (``train``, ``val``, ``test``, ``calib``; None when it has none)."""
         if split not in self.sources:
             self.sources[split] = make_source(split, **self.kw)
         return self.sources[split]
@@ -250,19 +252,21 @@ class LabelledFrames:
 
 
 def make_source(split: str, source: str, num_train: int, num_val: int, num_test: int, seed: int, frame_shape=None,
-                train=None, val=None, test=None, key=None, synth=None, detector=None, lattice=None, **_):
-    """Data of one split: simulated (disjoint seeds per split) or from files."""
-    n = {"train": num_train, "val": num_val, "test": num_test}[split]
-    offset = {"train": 0, "val": 1, "test": 2}[split]
+                train=None, val=None, test=None, key=None, synth=None, detector=None, lattice=None,
+                num_calib: int = 8, **_):
+    """Data of one split (``train``, ``val``, ``test``, ``calib``): simulated (disjoint seeds per split) or from
+    files (``calib``: the validation files)."""
+    n = {"train": num_train, "val": num_val, "test": num_test, "calib": num_calib}[split]
+    offset = {"train": 0, "val": 1, "test": 2, "calib": 3}[split]
     if source == "lattice":
         from vitkit.apps.peaks.lattice import LatticeConfig, LatticeStillsDataset
 
         if n == 0:
             return None
         cfg = LatticeConfig(**(lattice or {}))
-        # held out: whole shots, every panel; training and validation: one panel of a fresh shot per item
+        # held out and calibration: whole shots, every panel; training and validation: one panel of a fresh shot
         return LatticeStillsDataset(n, detector, cfg, seed=seed * 10 + offset,
-                                    panels_per_item=None if split == "test" else 1)
+                                    panels_per_item=None if split in ("test", "calib") else 1)
     if source == "synthetic":
         from vitkit.apps.peaks.synthetic import SynthConfig, SyntheticPeakDataset
 
@@ -272,7 +276,7 @@ def make_source(split: str, source: str, num_train: int, num_val: int, num_test:
         return SyntheticPeakDataset(n, seed=seed * 10 + offset, cfg=cfg)
     from vitkit.apps.peaks.io import open_frames
 
-    path = {"train": train, "val": val, "test": test}[split]
+    path = {"train": train, "val": val, "test": test, "calib": val}[split]
     if path is None:
         return None
     frames = open_frames(path, key=key)

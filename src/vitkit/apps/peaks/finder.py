@@ -351,6 +351,10 @@ class PeakFinder:
         lone_pixel_ratio: pixels bright on their own (unmasked hot pixels, zingers;
             :func:`~vitkit.apps.peaks.peakfind.lone_pixels`) are bad pixels of the event; None: no such check.
             Training applies the same rule (the data module), so the model never sees them.
+        sparse: run EoMT's sparse-token path (:meth:`vitkit.EoMT.forward_sparse`: after the model's fitted token
+            scorer, only tokens that may hold a peak go on through the rest of the model); the model needs a
+            fitted scorer (:func:`vitkit.apps.peaks.sparse.fit_token_scorer`, done by ``vitkit train``).
+            ``kept_tokens`` counts ``[kept, all]`` patch tokens over the finder's life.
 
     Non-finite pixels (NaN, inf) of an event are bad pixels of that event, like masked ones: excluded from the
     normalisation, zero in the model input, never part of a peak, a centroid or an intensity. The rest of the
@@ -370,8 +374,12 @@ class PeakFinder:
     def __init__(self, model, detector=None, good=None, device: str | torch.device = "cpu", overlap: float = 0.25,
                  batch_size: int = 32, min_pixels: int = 3, min_peaks: int = 0, max_peaks: int | None = 2048,
                  merge_radius: float = MERGE_RADIUS, threshold: float = 0.6, hysteresis: float | None = 0.25,
-                 lone_pixel_ratio: float | None = LONE_PIXEL_RATIO):
+                 lone_pixel_ratio: float | None = LONE_PIXEL_RATIO, sparse: bool = False):
         _check_model(model)
+        if sparse and getattr(model, "token_scorer", None) is None:
+            raise ConfigError("PeakFinder(sparse=True) needs an EoMT with a fitted token scorer (runs of vitkit "
+                              "train have one; else vitkit.apps.peaks.sparse.fit_token_scorer)")
+        self.sparse, self.kept_tokens = bool(sparse), [0, 0]
         self.model = None if model is None else model.eval().to(device)
         self.device = torch.device(device)
         self.detector = None if detector is None else load_detector(detector)
@@ -475,7 +483,6 @@ class PeakFinder:
     @torch.no_grad()
     def _masks(self, ev: np.ndarray, g: np.ndarray | None) -> np.ndarray:
         from vitkit.tasks.postprocess import semantic_inference
-        from vitkit.tasks.transforms import robust_normalise
 
         if self.model is None:
             raise InputError("PeakFinder: this finder has no model (built with model=None); it can only extract "
@@ -483,13 +490,9 @@ class PeakFinder:
         n, p, h, w = ev.shape
         if n == 0:
             return np.zeros(ev.shape, dtype=bool)
-        unit = None if self.detector is None else self.detector.photon_adu()
-        gt = None if g is None else torch.from_numpy(np.array(g))
-        x = torch.from_numpy(np.ascontiguousarray(ev, dtype=np.float32)).reshape(n * p, 1, h, w)
-        if unit is not None:
-            unit = torch.from_numpy(np.tile(unit, n)).float()
-        x = robust_normalise(x, None if gt is None else gt.reshape(n * p, 1, h, w), unit=unit).to(self.device)
-        probs = semantic_inference(self.model, x, overlap=self.overlap, batch_size=self.batch_size)
+        x = self.model_input(ev, g)
+        probs = semantic_inference(self.model, x, overlap=self.overlap, batch_size=self.batch_size,
+                                   forward=self._forward_sparse if self.sparse else None)
         out = (probs[:, 1] > self.threshold * (probs[:, 0] + probs[:, 1])).cpu().numpy().reshape(n, p, h, w)
         if self.hysteresis is not None:  # grow each peak into its connected pixels above the low threshold
             from scipy import ndimage
@@ -510,6 +513,25 @@ class PeakFinder:
         if g is not None:
             out &= g
         return out
+
+    def model_input(self, ev: np.ndarray, g: np.ndarray | None) -> torch.Tensor:
+        """The normalised panels ``[N * P, 1, H, W]`` (on the finder's device) the model sees for events ``ev``
+        ``[N, P, H, W]`` with good pixels ``g`` (from :meth:`_good`)."""
+        from vitkit.tasks.transforms import robust_normalise
+
+        n, p, h, w = ev.shape
+        unit = None if self.detector is None else self.detector.photon_adu()
+        gt = None if g is None else torch.from_numpy(np.array(g))
+        x = torch.from_numpy(np.ascontiguousarray(ev, dtype=np.float32)).reshape(n * p, 1, h, w)
+        if unit is not None:
+            unit = torch.from_numpy(np.tile(unit, n)).float()
+        return robust_normalise(x, None if gt is None else gt.reshape(n * p, 1, h, w), unit=unit).to(self.device)
+
+    def _forward_sparse(self, windows: torch.Tensor):
+        masks, classes, keep = self.model.forward_sparse(windows)
+        self.kept_tokens[0] += int(keep.sum())
+        self.kept_tokens[1] += keep.numel()
+        return masks, classes
 
     def _peaks(self, ev: np.ndarray, masks: np.ndarray, g: np.ndarray | None) -> list[np.ndarray]:
         return [event_peaks(self.detector, e, m, self.min_pixels, self.max_peaks, self.min_peaks,

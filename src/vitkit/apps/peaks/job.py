@@ -13,6 +13,7 @@ import torch
 from vitkit.apps.compose import compose
 from vitkit.apps.peaks.finder import MODEL_CONFIG_KEY, PeakFinder, load_model
 from vitkit.atomic import write_json, write_text
+from vitkit.errors import ConfigError
 
 __all__ = ["compose", "train", "predict", "evaluate", "truth_of", "load_model", "PeakFinder",
            "format_metrics", "write_json", "event_of", "MODEL_CONFIG_KEY"]
@@ -210,11 +211,34 @@ def train(cfg) -> Path:
         return run_dir
     plot_curves(run_dir / "logs" / "metrics.csv", run_dir / "curves.png")
     model.eval()
+    _fit_sparse(cfg, model, data, run_dir)
     model.save_pretrained(run_dir / "model")
     test = data.frames("test")
     if test is not None:
         _evaluate_held_out(cfg.predict, model, data.detector, test, run_dir)
     return run_dir
+
+
+def _fit_sparse(cfg, model, data, run_dir: Path) -> None:
+    """Fit the trained EoMT's token scorer for sparse-token inference (``cfg.sparse``) on the calibration split
+    and write its statistics to ``sparse.json``; nothing when ``sparse.fit`` is off or there is no calibration
+    data (then ``predict.sparse`` is refused)."""
+    from vitkit.apps.peaks.sparse import fit_token_scorer
+
+    s, p = cfg.sparse, cfg.predict
+    calib = data.frames("calib") if s.fit and hasattr(model, "add_token_scorer") else None
+    if calib is None:
+        return
+    finder = PeakFinder(model, data.detector, overlap=p.overlap, min_pixels=p.min_pixels, threshold=p.threshold)
+    try:
+        stats = fit_token_scorer(finder, calib, block=s.block, recall=s.recall)
+    except ConfigError as e:  # the trained model is still saved; it cannot predict sparsely
+        print(f"no sparse-token scorer: {e}")
+        return
+    stats["calibration_shots"] = len(calib)
+    write_json(run_dir / "sparse.json", stats)
+    print(f"sparse-token scorer (after block {stats['block']}): keeps {stats['kept_fraction']:.3f} of the tokens "
+          f"and {stats['recall']:.3f} of the peak tokens of held-back calibration windows")
 
 
 def _run_dir(cfg) -> tuple[Path, Path | None]:
@@ -269,9 +293,11 @@ def _evaluate_held_out(p, model, detector, test, run_dir: Path) -> None:
     evaluate against their truth and write ``metrics.json``."""
     true_masks, true_peaks, weak = truth_of(test)
     finder = PeakFinder(model, detector, good=None, overlap=p.overlap, min_pixels=p.min_pixels,
-                        min_peaks=p.min_peaks, max_peaks=p.max_peaks, threshold=p.threshold)
+                        min_peaks=p.min_peaks, max_peaks=p.max_peaks, threshold=p.threshold, sparse=p.sparse)
     res = predict(finder, test, run_dir, overlays=p.overlays, truth=true_peaks, keep_masks=True)
     metrics = evaluate(res["masks"], res["peaks"], true_masks, true_peaks, radius=p.radius, weak=weak)
     metrics["num_frames"] = len(test)
+    if finder.sparse:
+        metrics["kept_token_fraction"] = finder.kept_tokens[0] / max(finder.kept_tokens[1], 1)
     write_json(run_dir / "metrics.json", metrics)
     print("held-out frames:\n" + format_metrics(metrics))
