@@ -45,7 +45,7 @@ def test_windows_are_the_tiling_semantic_inference_runs():
 def test_fit_reaches_the_asked_recall_prunes_and_travels_with_the_model(shots, tmp_path):
     model = _model()
     finder = PeakFinder(model)
-    stats = fit_token_scorer(finder, shots, block=1, recall=0.99, steps=150)
+    stats = fit_token_scorer(finder, shots, block=1, recall=0.99, targets="truth", steps=150)
     assert stats["block"] == 1 and model.token_scorer_block == 1
     assert stats["recall"] >= 0.99
     assert 0 < stats["positive_fraction"] < 0.05  # peaks are sparse: positives are a few % of tokens at most
@@ -58,8 +58,29 @@ def test_fit_reaches_the_asked_recall_prunes_and_travels_with_the_model(shots, t
     torch.testing.assert_close(again.token_scorer[1].weight, model.token_scorer[1].weight)
 
     # a stricter recall never keeps fewer tokens
-    loose = fit_token_scorer(finder, shots, block=1, recall=0.9, steps=150)
+    loose = fit_token_scorer(finder, shots, block=1, recall=0.9, targets="truth", steps=150)
     assert loose["kept_fraction"] <= stats["kept_fraction"] and loose["recall"] >= 0.9
+
+
+def test_model_targets_are_the_dense_finders_peak_pixels(shots, monkeypatch):
+    """targets="model" (the default) takes the positive tokens from the dense finder's own peak masks, not from
+    labels: a finder whose masks are the labels gives the "truth" fit; one that finds nothing has no positives."""
+    model = _model()
+    finder = PeakFinder(model)
+    truth = fit_token_scorer(finder, shots, block=1, targets="truth", steps=50)
+    order = iter(range(len(shots)))
+    monkeypatch.setattr(finder, "_masks", lambda ev, g: (np.asarray(shots[next(order)]["label"]) > 0)
+                        .reshape(ev.shape))
+    as_model = fit_token_scorer(finder, shots, block=1, steps=50)
+    assert as_model["positive_fraction"] == truth["positive_fraction"]
+    assert as_model["threshold"] == pytest.approx(truth["threshold"])
+    monkeypatch.setattr(finder, "_masks", lambda ev, g: np.zeros(ev.shape, dtype=bool))
+    with pytest.raises(ConfigError, match="no peak tokens"):
+        fit_token_scorer(finder, shots, block=1, steps=2)
+    with pytest.raises(ConfigError, match="targets must be"):
+        fit_token_scorer(finder, shots, targets="labels")
+    with pytest.raises(ConfigError, match="dense PeakFinder"):
+        fit_token_scorer(PeakFinder(model, sparse=True), shots)
 
 
 def test_sparse_finder_keeping_everything_is_the_dense_finder(shots):
@@ -94,6 +115,6 @@ def test_sparse_needs_a_scorer_and_the_fit_needs_peaks(shots):
         fit_token_scorer(finder, shots, recall=1.5)
     empty = [{**shots[0], "label": np.zeros_like(shots[0]["label"])}]
     with pytest.raises(ConfigError, match="no peak tokens"):
-        fit_token_scorer(finder, empty, block=1, steps=2)
+        fit_token_scorer(finder, empty, block=1, targets="truth", steps=2)
     assert finder.model.token_scorer is None and "token_scorer_block" not in finder.model.init_config
     assert "token_threshold" not in finder.model.state_dict()  # saves as a model without a scorer

@@ -231,7 +231,7 @@ def _fit_sparse(cfg, model, data, run_dir: Path) -> None:
         return
     finder = PeakFinder(model, data.detector, overlap=p.overlap, min_pixels=p.min_pixels, threshold=p.threshold)
     try:
-        stats = fit_token_scorer(finder, calib, block=s.block, recall=s.recall)
+        stats = fit_token_scorer(finder, calib, block=s.block, recall=s.recall, targets=s.targets)
     except ConfigError as e:  # the trained model is still saved; it cannot predict sparsely
         print(f"no sparse-token scorer: {e}")
         return

@@ -36,12 +36,14 @@ def windows_of(x: torch.Tensor, window: tuple[int, int], overlap: float) -> list
 
 
 @torch.no_grad()
-def _features(finder, shots, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+def _features(finder, shots, batch_size: int, targets: str
+              ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
     """Scorer inputs (patch tokens after the scorer's block) ``[n, gh * gw, D]`` and token targets ``[n, gh * gw]``
-    of every window of every panel of ``shots``."""
+    (a peak pixel of the dense finder's masks, or of the items' labels, in the patch) of every window of every
+    panel of ``shots``."""
     model = finder.model
     wh, ww = model.img_size
-    feats, targets, grid = [], [], None
+    feats, positive, grid = [], [], None
     for i in range(len(shots)):
         item = shots[i]
         ev = np.asarray(item["image"], dtype=np.float32)
@@ -50,7 +52,8 @@ def _features(finder, shots, batch_size: int) -> tuple[torch.Tensor, torch.Tenso
         good = item.get("good")
         g = finder._good(ev, None if good is None else np.asarray(good, dtype=bool).reshape(ev.shape))
         x = finder.model_input(ev, g)
-        lab = torch.as_tensor(np.asarray(item["label"]) > 0).reshape(-1, 1, *x.shape[-2:]).float()
+        lab = finder._masks(ev, g) if targets == "model" else np.asarray(item["label"]) > 0
+        lab = torch.as_tensor(lab).reshape(-1, 1, *x.shape[-2:]).float()
         ph, pw = max(0, wh - x.shape[-2]), max(0, ww - x.shape[-1])
         if ph or pw:
             x, lab = F.pad(x, (0, pw, 0, ph)), F.pad(lab, (0, pw, 0, ph))
@@ -63,8 +66,8 @@ def _features(finder, shots, batch_size: int) -> tuple[torch.Tensor, torch.Tenso
             tl = torch.stack([lab[b, :, y:y + wh, xx:xx + ww] for b, y, xx in chunk])
             p = model.encoder.patch_size
             tl = F.pad(tl, (0, grid[1] * p - ww, 0, grid[0] * p - wh))
-            targets.append(F.max_pool2d(tl, p).flatten(1) > 0)
-    return torch.cat(feats), torch.cat(targets), grid
+            positive.append(F.max_pool2d(tl, p).flatten(1) > 0)
+    return torch.cat(feats), torch.cat(positive), grid
 
 
 def _grown_recall(keep: torch.Tensor, target: torch.Tensor, grid: tuple[int, int]) -> float:
@@ -74,8 +77,9 @@ def _grown_recall(keep: torch.Tensor, target: torch.Tensor, grid: tuple[int, int
     return 1.0 if pos == 0 else float((grown & target).sum()) / pos
 
 
-def fit_token_scorer(finder, shots, block: int = 2, recall: float = 0.995, steps: int = 300, lr: float = 0.05,
-                     holdout: float = 0.3, batch_size: int = 64, seed: int = 0) -> dict[str, Any]:
+def fit_token_scorer(finder, shots, block: int = 0, recall: float = 0.995, targets: str = "model",
+                     steps: int = 300, lr: float = 0.05, holdout: float = 0.3, batch_size: int = 64,
+                     seed: int = 0) -> dict[str, Any]:
     """Give ``finder.model`` (an EoMT, trained) a token scorer read after ``block`` blocks and fit it.
 
     Args:
@@ -86,6 +90,9 @@ def fit_token_scorer(finder, shots, block: int = 2, recall: float = 0.995, steps
             outside every split that is evaluated.
         block: the scorer reads the tokens after this many blocks (at most the blocks before the queries join).
         recall: share of positive tokens of the held-back windows the threshold keeps (after growth).
+        targets: which tokens are positive: ``"model"``, those where the dense finder itself finds peak pixels
+            (the sparse path is fitted to keep what the dense model would report, and the shots need no labels:
+            a run's own unlabelled events serve); ``"truth"``, those with a labelled peak pixel (``label``).
         steps, lr: full-batch Adam on the class-balanced logistic loss.
         holdout: share of the windows (whole panels' windows, last ones) held back to set the threshold.
 
@@ -95,11 +102,15 @@ def fit_token_scorer(finder, shots, block: int = 2, recall: float = 0.995, steps
     model = finder.model
     if not 0 < recall <= 1 or not 0 < holdout < 1:
         raise ConfigError(f"fit_token_scorer: recall must be in (0, 1] and holdout in (0, 1), got {recall}, {holdout}")
+    if targets not in ("model", "truth"):
+        raise ConfigError(f"fit_token_scorer: targets must be 'model' or 'truth', got {targets!r}")
+    if finder.sparse:
+        raise ConfigError("fit_token_scorer needs a dense PeakFinder (sparse=False): its masks are the targets")
     previous = None if model.token_scorer is None else model.token_scorer_block
     if previous != block:
         model.add_token_scorer(block)
     model.eval()
-    feats, target, grid = _features(finder, shots, batch_size)
+    feats, target, grid = _features(finder, shots, batch_size, targets)
     n = feats.shape[0]
     cut = max(1, min(n - 1, int(round(n * (1 - holdout)))))
     if not target[:cut].any() or not target[cut:].any():

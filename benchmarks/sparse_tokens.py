@@ -1,0 +1,128 @@
+"""Sparse-token EoMT against dense EoMT on the peaks app's held-out shots: speed at batch 1 and peak F1.
+
+    python benchmarks/sparse_tokens.py --run runs/<main job run>          # blocks 0,1,2; 8 test shots
+    python benchmarks/sparse_tokens.py --run RUN --blocks 0 --shots 4 --reps 2 --threads 1
+
+For each scorer block ``k`` (``--blocks``) a copy of the run's model gets a token scorer read after ``k`` blocks,
+fitted by :func:`vitkit.apps.peaks.sparse.fit_token_scorer` on ``--calib`` calibration shots (recall
+``--recall``); the run's own fitted scorer (``sparse.json``, when present) is a row too. Every finder is
+:class:`~vitkit.apps.peaks.finder.PeakFinder` with the same extraction rules, fed one whole epix10k2M event at a
+time (batch 1, end to end: normalisation, lone pixels, model, extraction). ``floor`` is the sparse path keeping
+no token at all after block 0 (what no scorer can go below: normalisation, patch embedding, extraction).
+
+Data: simulated lattice stills on the run's detector (``detector.geom``), default :class:`LatticeConfig`;
+calibration shots from seed 3 (the main job's ``calib`` split), test shots from seed 2 (the main job's held-out
+``test`` split, also ``benchmarks/peakfinding.py``'s). Peak F1 with ``vitkit evaluate``'s code
+(:func:`vitkit.apps.peaks.job.evaluate`, 2 px, weak reflections don't-care). Timing: all finders round-robin
+(:func:`common.time_interleaved`), each call the whole test split event by event; seconds per event = call time /
+shots; calls during which other processes used > 0.25 cores are repeated. The JSON (``--out``) has the machine,
+the fits and every timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", type=Path, required=True, help="a vitkit train run directory (its model/ and .geom)")
+    ap.add_argument("--blocks", default="0,1,2", help="scorer blocks to fit and time (comma-separated)")
+    ap.add_argument("--recall", type=float, default=0.995, help="peak-token recall the threshold keeps")
+    ap.add_argument("--targets", choices=("model", "truth"), default="model",
+                    help="positive tokens: where the dense model finds peaks (default) or the simulator's labels")
+    ap.add_argument("--shots", type=int, default=8, help="test shots (default 8)")
+    ap.add_argument("--calib", type=int, default=8, help="calibration shots for the scorer fit (default 8)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--reps", type=int, default=3, help="timed rounds (default 3; one warm-up round)")
+    ap.add_argument("--out", type=Path, default=Path("sparse_out"), help="output directory for the JSON")
+    args = ap.parse_args(argv)
+
+    from vitkit.apps.peaks.finder import PeakFinder, load_model
+    from vitkit.apps.peaks.job import evaluate, event_of, truth_of
+    from vitkit.apps.peaks.lattice import LatticeConfig, LatticeStillsDataset
+    from vitkit.apps.peaks.sparse import fit_token_scorer
+
+    common.setup_process(args.threads)
+    env = common.environment()
+    common.print_header(env)
+    geom = args.run / "detector.geom"
+    model = load_model(args.run).eval()
+    dense = PeakFinder(model, str(geom) if geom.exists() else "epix10k2m")
+    det = dense.detector
+    calib = LatticeStillsDataset(args.calib, det, LatticeConfig(), seed=3, panels_per_item=None)
+    test = LatticeStillsDataset(args.shots, det, LatticeConfig(), seed=2, panels_per_item=None)
+    true_masks, true_peaks, weak = truth_of(test)
+    events = [(event_of(it)[None], event_of(it["good"]).astype(bool)) for it in (test[i] for i in range(len(test)))]
+
+    finders: dict[str, Any] = {"dense": dense}
+    fits: dict[str, Any] = {}
+    if model.token_scorer is not None:
+        finders["sparse (run's scorer)"] = PeakFinder(model, det, sparse=True)
+        fits["sparse (run's scorer)"] = {"block": model.token_scorer_block,
+                                         "threshold": float(model.token_threshold)}
+    base = copy.deepcopy(model)
+    if base.token_scorer is not None:
+        base.remove_token_scorer()
+    for k in (int(b) for b in args.blocks.split(",") if b != ""):
+        m = copy.deepcopy(base)
+        fits[f"sparse block {k}"] = fit_token_scorer(PeakFinder(m, det), calib, block=k, recall=args.recall,
+                                                     targets=args.targets)
+        finders[f"sparse block {k}"] = PeakFinder(m, det, sparse=True)
+        print(f"fitted block {k}: {fits[f'sparse block {k}']}", flush=True)
+    floor = copy.deepcopy(base)
+    floor.add_token_scorer(0)
+    floor.token_threshold.fill_(float("inf"))
+    finders["floor (nothing kept)"] = PeakFinder(floor, det, sparse=True)
+
+    rows: dict[str, dict[str, Any]] = {}
+    for name, f in finders.items():  # accuracy (and the first, warm-up pass of each finder)
+        masks, tables = [], []
+        for ev, good in events:
+            m, t = f.find(ev, good)
+            masks.append(m[0])
+            tables.extend(t)
+        kept = None if not f.sparse else f.kept_tokens[0] / max(f.kept_tokens[1], 1)
+        met = evaluate(masks, tables, true_masks, true_peaks, radius=2.0, weak=weak)
+        rows[name] = {"peak_f1": met["peak_f1"], "peak_precision": met["peak_precision"],
+                      "peak_recall": met["peak_recall"], "kept_token_fraction": kept, "fit": fits.get(name)}
+        print(f"{name}: F1 {met['peak_f1']:.4f} (P {met['peak_precision']:.3f} R {met['peak_recall']:.3f})"
+              + ("" if kept is None else f", kept {kept:.3f} of the tokens"), flush=True)
+
+    def split_of(f):
+        return lambda: [f.find(ev, good) for ev, good in events]
+
+    times, stats = common.time_interleaved({k: split_of(f) for k, f in finders.items()}, warmup=1, reps=args.reps,
+                                           progress=lambda s: print(s, flush=True), idle_wait=30.0)
+    d = statistics.median(times["dense"]) / len(events)
+    table = []
+    for name, r in rows.items():
+        s = statistics.median(times[name]) / len(events)
+        r.update(s_per_event=s, speedup_vs_dense=d / s, f1_minus_dense=r["peak_f1"] - rows["dense"]["peak_f1"],
+                 times_s=times[name])
+        kept = "-" if r["kept_token_fraction"] is None else f"{r['kept_token_fraction']:.3f}"
+        table.append([name, f"{r['peak_f1']:.4f}", f"{r['f1_minus_dense']:+.4f}", f"{r['peak_recall']:.3f}", kept,
+                      f"{s:.3f}", f"{d / s:.2f}x"])
+    headers = ["finder", "peak F1", "vs dense", "recall", "kept tokens", "s/event", "speed-up"]
+    print(common.format_table(headers, table))
+    print(common.format_table(headers, table, markdown=True))
+    doc = {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+           "timing_stats": stats, "shots": len(events)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    common.write_json(args.out / "sparse_tokens.json", doc)
+    return doc
+
+
+if __name__ == "__main__":
+    main()
