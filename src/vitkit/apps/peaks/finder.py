@@ -376,10 +376,9 @@ class PeakFinder:
                  merge_radius: float = MERGE_RADIUS, threshold: float = 0.6, hysteresis: float | None = 0.25,
                  lone_pixel_ratio: float | None = LONE_PIXEL_RATIO, sparse: bool = False):
         _check_model(model)
-        if sparse and getattr(model, "token_scorer", None) is None:
-            raise ConfigError("PeakFinder(sparse=True) needs an EoMT with a fitted token scorer (runs of vitkit "
-                              "train have one; else vitkit.apps.peaks.sparse.fit_token_scorer)")
         self.sparse, self.kept_tokens = bool(sparse), [0, 0]
+        if model is not None:
+            self._check_sparse(model)
         self.model = None if model is None else model.eval().to(device)
         self.device = torch.device(device)
         self.detector = None if detector is None else load_detector(detector)
@@ -404,10 +403,18 @@ class PeakFinder:
         import copy
 
         _check_model(model)
+        if model is not None:
+            self._check_sparse(model)
         out = copy.copy(self)
+        out.kept_tokens = [0, 0]
         out.device = torch.device(device) if device is not None else self.device
         out.model = None if model is None else model.eval().to(out.device)
         return out
+
+    def _check_sparse(self, model) -> None:
+        if self.sparse and getattr(model, "token_scorer", None) is None:
+            raise ConfigError("PeakFinder(sparse=True) needs an EoMT with a fitted token scorer (runs of vitkit "
+                              "train have one; else vitkit.apps.peaks.sparse.fit_token_scorer)")
 
     @classmethod
     def from_run(cls, run: str | os.PathLike, geometry=None, mask=None, **kwargs: Any) -> PeakFinder:

@@ -109,6 +109,8 @@ class ModelConfig:
     """Weights in bfloat16, cast once (``cast_for_inference``); results then differ slightly from fp32 predict."""
     overlap: float = 0.25
     """Sliding-window overlap (as ``vitkit predict --overlap``)."""
+    sparse: bool = False
+    """Sparse-token EoMT (as ``vitkit predict --sparse``; the run needs its fitted token scorer)."""
     batch_size: int = 4
     """Frames per batch sent to one actor call."""
     max_batches_per_actor: int = 2

@@ -199,7 +199,8 @@ class StreamPipeline:
                                   "know which pixels the mask covers.")
             good = read_mask(d.mask, self.detector, d.mask_key)
         self.finder = PeakFinder(None, self.detector, good, overlap=self.cfg.model.overlap, min_pixels=p.min_pixels,
-                                 min_peaks=p.min_peaks, max_peaks=p.max_peaks, threshold=p.threshold)
+                                 min_peaks=p.min_peaks, max_peaks=p.max_peaks, threshold=p.threshold,
+                                 sparse=self.cfg.model.sparse)
         self.check = EventCheck(self.detector, self.finder.good)
 
     def _open_source(self):
