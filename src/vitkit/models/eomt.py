@@ -181,7 +181,7 @@ class EoMT(nn.Module):
         if upscale_dims is not None:  # official models' config.json stays as it was
             self.init_config["upscale_dims"] = upscale_dims
         self.token_scorer = None
-        self.sparse_group = 8  # forward_sparse pads this many windows (of similar kept counts) together
+        self.sparse_group = 8  # forward_sparse runs this many windows (of similar kept counts) together
         if token_scorer_block is not None:
             self.add_token_scorer(token_scorer_block)
 
