@@ -207,16 +207,29 @@ def train(cfg) -> Path:
         if trainer.is_global_zero:
             model = instantiate({**model_cfg, "pretrained": False})
             model.load_state_dict(state, strict=True)
-    if not trainer.is_global_zero:
-        return run_dir
-    plot_curves(run_dir / "logs" / "metrics.csv", run_dir / "curves.png")
-    model.eval()
-    _fit_sparse(cfg, model, data, run_dir)
-    model.save_pretrained(run_dir / "model")
-    test = data.frames("test")
-    if test is not None:
-        _evaluate_held_out(cfg.predict, model, data.detector, test, run_dir)
+    try:
+        if trainer.is_global_zero:
+            plot_curves(run_dir / "logs" / "metrics.csv", run_dir / "curves.png")
+            model.eval()
+            _fit_sparse(cfg, model, data, run_dir)
+            model.save_pretrained(run_dir / "model")
+            test = data.frames("test")
+            if test is not None:
+                _evaluate_held_out(cfg.predict, model, data.detector, test, run_dir)
+    finally:
+        _leave_together()
     return run_dir
+
+
+def _leave_together() -> None:
+    """Distributed runs: every rank waits here until rank 0 has written the model and the held-out results, then
+    the process group ends. A rank that left while rank 0 was still predicting was seen to abort in gloo's
+    teardown ("terminate called without an active exception"), and the launcher then killed rank 0 mid-predict."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _fit_sparse(cfg, model, data, run_dir: Path) -> None:
