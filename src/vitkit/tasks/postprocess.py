@@ -24,6 +24,14 @@ def window_starts(length: int, window: int, min_overlap: float = 0.0) -> list[in
     return [round(i * (length - window) / (n - 1)) for i in range(n)]
 
 
+def windows_of(x: torch.Tensor, window: tuple[int, int], overlap: float) -> list[tuple[int, int, int]]:
+    """``(image, top, left)`` of every window :func:`semantic_inference` runs on images ``x`` ``[B, C, H, W]``
+    (padded bottom/right to the window when smaller)."""
+    B, _, H, W = x.shape
+    ys, xs = window_starts(max(H, window[0]), window[0], overlap), window_starts(max(W, window[1]), window[1], overlap)
+    return [(b, y, xx) for b in range(B) for y in ys for xx in xs]
+
+
 @torch.no_grad()
 def semantic_inference(model, images: torch.Tensor, window: tuple[int, int] | None = None,
                        overlap: float = 0.25, batch_size: int = 32, forward=None) -> torch.Tensor:
@@ -44,12 +52,10 @@ def semantic_inference(model, images: torch.Tensor, window: tuple[int, int] | No
     if ph or pw:
         images = F.pad(images, (0, pw, 0, ph))
     Hp, Wp = images.shape[-2:]
-    ys, xs = window_starts(Hp, wh, overlap), window_starts(Wp, ww, overlap)
-    boxes = [(b, y, x) for b in range(B) for y in ys for x in xs]
+    boxes = windows_of(images, (wh, ww), overlap)
     count = images.new_zeros(1, 1, Hp, Wp)
-    for y in ys:
-        for x in xs:
-            count[..., y:y + wh, x:x + ww] += 1
+    for _, y, x in boxes[:len(boxes) // B]:  # the first image's windows: every image has the same
+        count[..., y:y + wh, x:x + ww] += 1
     out = None
     for s in range(0, len(boxes), batch_size):
         chunk = boxes[s:s + batch_size]

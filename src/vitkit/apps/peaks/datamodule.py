@@ -168,7 +168,8 @@ class PeakDataModule(L.LightningDataModule):
 
     def __init__(self, source: str = "synthetic", frame_shape: tuple[int, int] = (128, 128),
                  crop: tuple[int, int] = (64, 64), polar_crop_sigma: float | None = 0.33, num_train: int = 512,
-                 num_val: int = 16, num_test: int = 16, num_calib: int = 8, seed: int = 0, batch_size: int = 8, num_workers: int = 0,
+                 num_val: int = 16, num_test: int = 16, num_calib: int = 8, seed: int = 0, batch_size: int = 8,
+                 num_workers: int = 0,
                  train: str | None = None, val: str | None = None, test: str | None = None, key: str | None = None,
                  synth: dict[str, Any] | None = None, detector: str | None = None, peak_bias: float = 0.0,
                  lattice: dict[str, Any] | None = None, negative_bias: float = 0.0):

@@ -26,18 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from vitkit.errors import ConfigError
+from vitkit.tasks.postprocess import windows_of
 
-__all__ = ["fit_token_scorer", "windows_of"]
-
-
-def windows_of(x: torch.Tensor, window: tuple[int, int], overlap: float) -> list[tuple[int, int, int]]:
-    """``(image, top, left)`` of every window :func:`~vitkit.tasks.postprocess.semantic_inference` runs on
-    images ``x`` ``[B, C, H, W]`` (padded bottom/right to the window when smaller)."""
-    from vitkit.tasks.postprocess import window_starts
-
-    B, _, H, W = x.shape
-    ys, xs = window_starts(max(H, window[0]), window[0], overlap), window_starts(max(W, window[1]), window[1], overlap)
-    return [(b, y, xx) for b in range(B) for y in ys for xx in xs]
+__all__ = ["fit_token_scorer"]
 
 
 @torch.no_grad()
@@ -75,9 +66,14 @@ def _features(finder, shots, batch_size: int, targets: str
     return torch.cat(feats), torch.cat(positive), grid
 
 
+def _grown(keep: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``keep`` ``[n, gh * gw]`` with the 8 neighbours of every kept token (the growth forward_sparse applies)."""
+    return F.max_pool2d(keep.view(-1, 1, *grid).float(), 3, stride=1, padding=1).flatten(1) > 0
+
+
 def _grown_recall(keep: torch.Tensor, target: torch.Tensor, grid: tuple[int, int]) -> float:
     """Share of positive tokens kept after the 8-neighbour growth forward_sparse applies."""
-    grown = F.max_pool2d(keep.view(-1, 1, *grid).float(), 3, stride=1, padding=1).flatten(1) > 0
+    grown = _grown(keep, grid)
     pos = int(target.sum())
     return 1.0 if pos == 0 else float((grown & target).sum()) / pos
 
@@ -155,7 +151,7 @@ def fit_token_scorer(finder, shots, block: int = 0, recall: float = 0.995, targe
     thr = float(cand[lo]) - 1e-6
     model.token_threshold.fill_(thr)
     keep = scores > thr
-    grown = F.max_pool2d(keep.view(-1, 1, *grid).float(), 3, stride=1, padding=1) > 0
+    grown = _grown(keep, grid)
     return {"block": block, "threshold": thr, "recall": _grown_recall(keep, tgt, grid),
             "kept_fraction": float(grown.float().mean()), "positive_fraction": float(tgt.float().mean()),
             "windows": int(n - cut)}
