@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,7 +73,11 @@ def discard(p: str | os.PathLike) -> None:
     """Delete a temporary file or folder (nothing happens when it is not there)."""
     p = Path(p)
     if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
+        for wait in (0.0, 0.05, 0.2, 1.0):  # a writer's worker threads (zarr's I/O loop) may still be
+            time.sleep(wait)                 # finishing files in it after the error that brought us here
+            shutil.rmtree(p, ignore_errors=True)
+            if not p.exists():
+                break
     else:
         p.unlink(missing_ok=True)
 
