@@ -134,3 +134,121 @@ def test_bad_inputs():
         find_peaks(np.ones((4, 4), bool), np.zeros((4, 4)), connectivity=6)
     with pytest.raises(InputError, match="method"):
         find_peaks(np.ones((4, 4), bool), np.zeros((4, 4)), method="gpu")
+
+
+# ------------------------------------------------------------------------------------ defects, photometry
+def _spot(shape, y, x, photons, sigma):
+    """A Gaussian spot integrated over pixels (photons in total)."""
+    from scipy.special import erf
+
+    def axis(n, c):
+        e = np.arange(n + 1) - 0.5 - c
+        return 0.5 * np.diff(erf(e / (np.sqrt(2) * sigma)))
+
+    return photons * np.outer(axis(shape[0], y), axis(shape[1], x))
+
+
+def test_lone_pixels_flag_hot_clusters_but_never_a_bragg_spot():
+    from vitkit.apps.peaks.peakfind import lone_pixels
+
+    img = np.random.default_rng(0).poisson(1.0, (80, 80)).astype(np.float64)
+    hot = {"single": [(10, 10)], "pair": [(20, 20), (20, 21)], "diagonal pair": [(30, 30), (31, 31)],
+           "2x2": [(40, 40), (40, 41), (41, 40), (41, 41)]}
+    for pix in hot.values():
+        for y, x in pix:
+            img[y, x] = 3000.0 + 500 * (y % 3)
+    five = [(60, 10), (60, 11), (60, 12), (61, 10), (61, 11)]  # larger than a hot cluster: not judged lone
+    for y, x in five:
+        img[y, x] = 3000.0
+    img += _spot(img.shape, 50.0, 50.5, 2000.0, 0.5)  # bright, sharp spot between two pixels
+    img += _spot(img.shape, 65.0, 65.0, 800.0, 0.5)  # centred on a pixel
+    img[70:73, 40:43] = 1e4  # a saturated spot: a plateau
+    got = {tuple(p) for p in np.argwhere(lone_pixels(img, unit=1.0))}
+    assert got == {p for pix in hot.values() for p in pix}
+    # groups of one only (the rule before clusters): the clusters stay
+    assert {tuple(p) for p in np.argwhere(lone_pixels(img, unit=1.0, max_group=1))} == {(10, 10)}
+
+
+def test_local_signal_is_the_background_subtracted_aperture_sum_and_snr_is_in_noise_sigmas():
+    from vitkit.apps.peaks.peakfind import measure_components
+
+    shape = (48, 48)
+    spot = _spot(shape, 24.0, 23.6, 400.0, 0.7)
+    img = 4.0 + spot  # noise-free: level 4 (to 1e-8), no background noise, so noise2 = unit * signal
+    mask = spot > 0.5 * spot.max()
+    aperture = ndimage.binary_dilation(mask, np.ones((3, 3), dtype=bool))
+    c = measure_components(mask, img, good=np.ones(shape, dtype=bool), unit=2.0, snr_radius=5)
+    np.testing.assert_allclose(c["signal"], [spot[aperture].sum()], rtol=1e-6)
+    np.testing.assert_allclose(c["noise2"], [2.0 * spot[aperture].sum()], rtol=1e-6)
+    # a bad pixel in the aperture counts for nothing
+    good = np.ones(shape, dtype=bool)
+    good[24, 24] = False
+    c = measure_components(mask & good, img, good=good, unit=2.0, snr_radius=5)
+    aperture = ndimage.binary_dilation(mask & good, np.ones((3, 3), dtype=bool)) & good
+    assert len(c["signal"]) == 1 and aperture.sum() < 25
+    np.testing.assert_allclose(c["signal"], [spot[aperture].sum()], rtol=1e-6)
+    # pure Gaussian noise, no unit: the SNR of a fixed 3x3 component is in noise sigmas, one sigma low (the
+    # brightest of 8 line backgrounds is subtracted), and never near a peak's
+    rng = np.random.default_rng(1)
+    box = np.zeros(shape, dtype=bool)
+    box[23:26, 23:26] = True
+    snr = []
+    for _ in range(300):
+        c = measure_components(box, rng.normal(10.0, 3.0, shape), snr_radius=5)
+        snr.append(c["signal"][0] / np.sqrt(c["noise2"][0]))
+    assert -1.5 < np.mean(snr) < -0.6 and 0.7 < np.std(snr) < 1.2 and max(snr) < 3.0
+
+
+def test_event_peaks_keep_faint_one_pixel_cores_by_snr_and_drop_noise():
+    from vitkit.apps.peaks.finder import event_peaks
+
+    rng = np.random.default_rng(2)
+    shape = (1, 64, 64)
+    img = rng.poisson(2.0, shape).astype(np.float64)
+    img[0] += _spot(shape[1:], 20.0, 20.0, 120.0, 0.6)  # faint: the model's core may be one pixel
+    mask = np.zeros(shape, dtype=bool)
+    mask[0, 20, 20] = True  # the faint spot's one-pixel core
+    mask[0, 45, 45] = True  # a one-pixel "core" on plain background
+    mask[0, 30, 40:42] = True  # and a second spot of two components closer than merge_radius...
+    mask[0, 30, 43] = True
+    img[0] += _spot(shape[1:], 30.0, 41.5, 300.0, 0.8)
+    t = event_peaks(None, img, mask, min_snr=None, merge_radius=3.0)
+    assert len(t) == 3 and np.all(np.isfinite(t["snr"]))
+    t = event_peaks(None, img, mask, min_snr=6.0, merge_radius=3.0)
+    assert sorted(zip(np.rint(t["ss"]), np.rint(t["fs"]))) == [(20, 20), (30, 41)]
+    assert np.all(t["snr"] >= 6.0)
+    # merged components: their signals and variances add
+    from vitkit.apps.peaks.finder import merge_close
+    from vitkit.apps.peaks.peakfind import measure_components
+
+    parts = measure_components(mask[0], img[0], snr_radius=5)
+    pair = np.flatnonzero(parts["y"] == 30)
+    assert len(pair) == 2
+    merged = merge_close(parts, 3.0)
+    j = int(np.flatnonzero(np.rint(merged["y"]) == 30)[0])
+    np.testing.assert_allclose([merged["signal"][j], merged["noise2"][j]],
+                               [parts["signal"][pair].sum(), parts["noise2"][pair].sum()])
+
+
+def test_line_level_rejects_a_fluctuation_on_a_streak_but_keeps_spots_on_and_off_it():
+    from vitkit.apps.peaks.peakfind import measure_components
+
+    shape = (64, 96)
+    rng = np.random.default_rng(3)
+    yy = np.arange(shape[0])[:, None]
+    streak = 8.0 * np.exp(-0.5 * ((yy - 32.0) / 1.0) ** 2) * np.ones(shape)  # a jet streak along fs
+    img = rng.normal(0.0, 1.0, shape) + streak
+    img += _spot(shape, 15.0, 20.0, 120.0, 0.7)  # a spot off the streak
+    img += _spot(shape, 32.0, 70.0, 120.0, 0.7)  # a spot on it
+    mask = np.zeros(shape, dtype=bool)
+    mask[31:34, 40:43] = True  # a piece of the streak itself
+    mask[14:17, 19:22] = True
+    mask[31:34, 69:72] = True
+    c = measure_components(mask, img, snr_radius=5)
+    snr = c["signal"] / np.sqrt(c["noise2"])
+    spot_off, piece, spot_on = np.argsort(c["x"])  # by fs: 20, 41, 70
+    piece_above_median = img[30:35, 39:44].sum() - 25 * np.median(img[20:44, 30:54])
+    assert piece_above_median / np.sqrt(25) > 10  # against the median around it, the streak looks like a peak...
+    assert snr[piece] < 2  # ...but not against the line it lies on
+    assert snr[spot_off] > 10 and snr[spot_on] > 10  # and a spot on the streak keeps its own signal
+    np.testing.assert_allclose(c["signal"][[spot_off, spot_on]], 120.0, rtol=0.25)

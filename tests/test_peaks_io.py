@@ -176,13 +176,18 @@ def test_csv_round_trip(tmp_path):
     peaks = [np.array([[1.25, 2.5, 1e5 / 3]], dtype=np.float32), np.zeros((0, 3)), np.array([[3.0, 4.0, 5.0]])]
     path = write_csv(tmp_path / "peaks.csv", (p for p in peaks))  # any iterable
     lines = path.read_text().splitlines()
-    assert lines[0] == "frame,panel,fs,ss,slab_fs,slab_ss,x_lab,y_lab,intensity,npix,max_value"
-    assert lines[2] == "2,0,4,3,4,3,,,5,0,"  # plain (y, x, I) rows: panel 0, no geometry -> empty lab columns
+    assert lines[0] == "frame,panel,fs,ss,slab_fs,slab_ss,x_lab,y_lab,intensity,npix,max_value,snr"
+    assert lines[2] == "2,0,4,3,4,3,,,5,0,,"  # plain (y, x, I) rows: panel 0, no geometry -> empty lab columns
     back = read_csv_peaks(path, n_frames=4)
     assert len(back) == 4 and len(back[1]) == 0 and len(back[3]) == 0
     got = back[0][["ss", "fs", "intensity"]][0]
     assert tuple(np.float32(v) for v in got.tolist()) == tuple(peaks[0][0])  # 9 digits: float32 exact
-    assert np.isnan(back[0]["x_lab"][0])
+    assert np.isnan(back[0]["x_lab"][0]) and np.isnan(back[0]["snr"][0])
+    # a file of an earlier version (no snr column) still reads, snr NaN
+    old = tmp_path / "old.csv"
+    old.write_text("frame,panel,fs,ss,slab_fs,slab_ss,x_lab,y_lab,intensity,npix,max_value\n0,3,4,5,4,5,,,7,2,6\n")
+    (t,) = read_csv_peaks(old)
+    assert (t["panel"][0], t["fs"][0], t["intensity"][0], t["npix"][0]) == (3, 4.0, 7.0, 2) and np.isnan(t["snr"][0])
 
 
 def test_overlay_png(tmp_path, frames):

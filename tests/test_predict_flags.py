@@ -7,7 +7,8 @@ panels stacked along the slow-scan axis, described by a CrystFEL .geom written h
 
 Flags and what is asserted: ``--out`` (where everything goes; default ``./predictions``), ``--overlays`` (number of
 PNGs), ``--write-frames`` (frames stored in the CXI), ``--key`` (which HDF5 dataset is read), ``--threshold`` and
-``--min-pixels`` (the library's PeakFinder with the same values; stricter values keep fewer peaks), ``--min-peaks``
+``--min-pixels`` and ``--min-snr`` (the library's PeakFinder with the same values; stricter values keep fewer
+peaks; ``--min-snr 0`` no SNR test), ``--min-peaks``
 / ``--max-peaks`` (per-event filters, brightest kept), ``--overlap`` (windows run through the model),
 ``--geometry`` (panels, slab and lab coordinates, detector.geom written), ``--mask`` / ``--mask-key`` /
 ``--mask-good`` / ``--mask-bad`` (no peak on a bad pixel, CrystFEL's bit rules vs psana's non-zero = good),
@@ -152,6 +153,20 @@ def test_min_pixels(learned_run, data, tmp_path, capsys):
     assert (base["npix"] < 8).any() and len(big) > 0  # the flag has peaks to remove and peaks to keep
     assert (big["npix"] >= 8).all() and len(big) < len(base)
     assert same_peaks(csv_tables(tmp_path / "m"), library(learned_run, data["frames"], min_pixels=8))
+
+
+def test_min_snr(learned_run, data, tmp_path, capsys):
+    frames = str(data["dir"] / "frames.npy")
+    tables = {}
+    for s in ("0", "5.5", "30"):
+        predict(capsys, learned_run, frames, "--out", str(tmp_path / s), "--overlays", "0", "--min-snr", s)
+        tables[s] = np.concatenate(csv_tables(tmp_path / s))
+    assert same_peaks(csv_tables(tmp_path / "30"), library(learned_run, data["frames"], min_snr=30.0))
+    assert same_peaks(csv_tables(tmp_path / "0"), library(learned_run, data["frames"], min_snr=None))
+    assert same_peaks(csv_tables(tmp_path / "5.5"), library(learned_run, data["frames"]))  # the default
+    assert (tables["30"]["snr"] >= 30).all() and (tables["5.5"]["snr"] >= 5.5).all()
+    assert len(tables["30"]) < len(tables["5.5"]) <= len(tables["0"]) and len(tables["30"]) > 0
+    assert np.isfinite(tables["0"]["snr"]).all()
 
 
 def test_min_and_max_peaks(learned_run, data, tmp_path, capsys):

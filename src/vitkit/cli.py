@@ -113,6 +113,8 @@ def _finder(args: argparse.Namespace):
     kw = dict(overlap=args.overlap)
     if args.threshold is not None:
         kw["threshold"] = args.threshold
+    if args.min_snr is not None:
+        kw["min_snr"] = args.min_snr if args.min_snr > 0 else None
     if args.sparse:
         kw["sparse"] = True
     if args.command == "predict":
@@ -300,12 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
                                           "for 0 = good)")
         p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
         p.add_argument("--threshold", type=float, help="peak-class share of a peak core pixel (default 0.6)")
+        p.add_argument("--min-snr", type=float, help="smallest photometric SNR of a peak against its local "
+                                                     "background and along lines through it (default 5.5; 0: "
+                                                     "no test)")
         p.add_argument("--sparse", action="store_true", help="sparse-token inference: only patch tokens the run's "
                        "fitted scorer keeps go through the whole model (EoMT.forward_sparse)")
         if name == "predict":
             p.add_argument("--min-peaks", type=int, default=0, help="frames with fewer peaks report none")
             p.add_argument("--max-peaks", type=int, default=2048, help="keep at most this many (brightest)")
-            p.add_argument("--min-pixels", type=int, help="smallest peak core (pixels; default 3)")
+            p.add_argument("--min-pixels", type=int, help="smallest peak (pixels; default 1)")
             p.add_argument("--overlays", type=int, default=4, help="overlay PNGs to write")
             p.add_argument("--write-frames", action="store_true", help="also store the frames in the CXI")
             p.add_argument("--dials", action="store_true", help="also write DIALS' imported.expt (the detector and "

@@ -54,7 +54,7 @@ def cxi_result_group(f):
 
 
 CXI_PEAK_COLUMNS = (("peakXPosRaw", "slab_fs"), ("peakYPosRaw", "slab_ss"), ("peakTotalIntensity", "intensity"),
-                    ("peakNPixels", "npix"), ("peakMaximumValue", "max_value"))
+                    ("peakNPixels", "npix"), ("peakMaximumValue", "max_value"), ("peakSNR", "snr"))
 
 
 def write_cxi(path: str | os.PathLike, peaks_per_frame: Sequence, frames=None, max_peaks: int = 2048,
@@ -71,6 +71,7 @@ def write_cxi(path: str | os.PathLike, peaks_per_frame: Sequence, frames=None, m
         /entry_1/result_1/peakTotalIntensity  float32 [N, max_peaks]  integrated intensity
         /entry_1/result_1/peakNPixels         float32 [N, max_peaks]  pixels per peak (0 if unknown)
         /entry_1/result_1/peakMaximumValue    float32 [N, max_peaks]  brightest pixel
+        /entry_1/result_1/peakSNR             float32 [N, max_peaks]  photometric SNR (0 if unknown)
         /entry_1/data_1/data                  float32 [N, SS, FS]     only if frames are given, chunks (1, SS, FS)
         /entry_1/event_id                     int64/str [N]           only if event_ids are given
 

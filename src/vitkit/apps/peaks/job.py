@@ -242,7 +242,8 @@ def _fit_sparse(cfg, model, data, run_dir: Path) -> None:
     calib = data.frames("calib") if s.fit and hasattr(model, "add_token_scorer") else None
     if calib is None:
         return
-    finder = PeakFinder(model, data.detector, overlap=p.overlap, min_pixels=p.min_pixels, threshold=p.threshold)
+    finder = PeakFinder(model, data.detector, overlap=p.overlap, min_pixels=p.min_pixels, threshold=p.threshold,
+                        min_snr=p.min_snr)
     try:
         stats = fit_token_scorer(finder, calib, block=s.block, recall=s.recall, targets=s.targets)
     except ConfigError as e:  # the trained model is still saved; it cannot predict sparsely
@@ -305,7 +306,7 @@ def _evaluate_held_out(p, model, detector, test, run_dir: Path) -> None:
     """Predict the held-out frames with the trained model (``p``: the ``predict`` config) into the run directory,
     evaluate against their truth and write ``metrics.json``."""
     true_masks, true_peaks, weak = truth_of(test)
-    finder = PeakFinder(model, detector, good=None, overlap=p.overlap, min_pixels=p.min_pixels,
+    finder = PeakFinder(model, detector, good=None, overlap=p.overlap, min_pixels=p.min_pixels, min_snr=p.min_snr,
                         min_peaks=p.min_peaks, max_peaks=p.max_peaks, threshold=p.threshold, sparse=p.sparse)
     res = predict(finder, test, run_dir, overlays=p.overlays, truth=true_peaks, keep_masks=True)
     metrics = evaluate(res["masks"], res["peaks"], true_masks, true_peaks, radius=p.radius, weak=weak)

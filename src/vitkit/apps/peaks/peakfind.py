@@ -32,13 +32,14 @@ from scipy.sparse.csgraph import connected_components
 from vitkit.errors import InputError
 
 __all__ = ["PEAK_DTYPE", "empty_peaks", "as_peak_table", "LONE_PIXEL_RATIO", "lone_pixels", "find_peaks",
-           "measure_components", "peaks_per_frame", "label_components", "logits_to_mask"]
+           "measure_components", "local_signal", "peaks_per_frame", "label_components", "logits_to_mask"]
 
 _SPARSE_MAX_FILL = 0.05
 
 PEAK_DTYPE = np.dtype([("panel", np.int32), ("fs", np.float64), ("ss", np.float64), ("slab_fs", np.float64),
                        ("slab_ss", np.float64), ("x_lab", np.float64), ("y_lab", np.float64),
-                       ("intensity", np.float64), ("npix", np.int32), ("max_value", np.float64)])
+                       ("intensity", np.float64), ("npix", np.int32), ("max_value", np.float64),
+                       ("snr", np.float64)])
 """A peak table row (:mod:`vitkit.apps.peaks.finder` documents the fields)."""
 
 
@@ -64,7 +65,7 @@ def as_peak_table(p) -> np.ndarray:
     t["ss"] = t["slab_ss"] = a[:, 0]
     t["fs"] = t["slab_fs"] = a[:, 1]
     t["intensity"] = a[:, 2] if a.shape[1] == 3 else 0.0
-    t["x_lab"] = t["y_lab"] = t["max_value"] = np.nan
+    t["x_lab"] = t["y_lab"] = t["max_value"] = t["snr"] = np.nan
     return t
 
 
@@ -141,12 +142,14 @@ def label_components(mask: np.ndarray, connectivity: int = 8,
 
 
 def measure_components(mask: np.ndarray, image: np.ndarray, min_pixels: int = 1, connectivity: int = 8,
-                       method: Literal["auto", "ndimage", "sparse"] = "auto") -> dict[str, np.ndarray]:
+                       method: Literal["auto", "ndimage", "sparse"] = "auto", good: np.ndarray | None = None,
+                       unit: float | None = None, snr_radius: int | None = None) -> dict[str, np.ndarray]:
     """Per connected component of ``mask``: centroid ``y``, ``x`` (intensity-weighted, weights
     ``max(image, 0)``; the unweighted mean when they sum to 0), ``intensity`` (sum of ``image``), ``npix`` and
     ``max_value``, each an array over the components (first pixel, raster order) with at least
     ``min_pixels`` pixels. Only mask pixels enter any value: pass ``mask & good`` and a masked pixel never
-    contributes to a centroid or an intensity."""
+    contributes to a centroid or an intensity. With ``snr_radius``, also the photometry of
+    :func:`local_signal` (``good``: the good pixels ``[H, W]``; ``unit``: one photon in ADU)."""
     mask, image = _as_mask_image(mask, image)
     flat, comp, n = label_components(mask, connectivity, method)
     w = mask.shape[1]
@@ -167,10 +170,94 @@ def measure_components(mask: np.ndarray, image: np.ndarray, min_pixels: int = 1,
     mx = np.full(n, -np.inf)
     np.maximum.at(mx, comp, val)
     out["max_value"] = mx
+    if snr_radius is not None:
+        out.update(local_signal(image, good, flat, comp, n, unit, snr_radius))
     if min_pixels > 1:
         keep = cnt >= min_pixels
         out = {k: v[keep] for k, v in out.items()}
     return out
+
+
+def local_signal(image: np.ndarray, good: np.ndarray | None, flat: np.ndarray, comp: np.ndarray, n: int,
+                 unit: float | None = None, radius: int = 5) -> dict[str, np.ndarray]:
+    """Background-subtracted signal of each component and its variance, for a photometric SNR
+    ``signal / sqrt(noise2)`` as peakfinder8 and the simulator's visibility rule judge a spot.
+
+    The components are given as :func:`label_components` returns them (``flat``, ``comp``, ``n``). Each one's
+    aperture is its pixels grown by one (the spot's wings; good pixels only). Its *background* pixels are the
+    good pixels within ``radius`` px of its bounding box that lie at least 3 px from every component (the
+    panel's when fewer than 8 such pixels exist): their median is the background level, ``1.4826 * MAD`` the
+    noise sigma. What is subtracted is the larger of that level over the aperture and, for each of 8 lines
+    through it (every 22.5 degrees), the aperture's background *along the line*: pixel by pixel, the median of
+    the background pixels met by moving the aperture clear of itself along the line, 4 steps each way (at
+    least 4 of the 8 for every pixel, else the line is skipped). A fluctuation on a jet streak, a common-mode
+    row or a ring edge stands out of the median around it but not out of the line it lies on; a spot sitting
+    on such a line keeps its own signal. ``noise2 = npix * sigma^2 + unit * max(signal, 0)``: background noise
+    plus the signal's own Poisson noise when one photon is ``unit`` ADU (None: no Poisson term). Returns
+    float64 ``signal`` and ``noise2`` ``[n]`` in a dict.
+    """
+    img = np.asarray(image, dtype=np.float64)
+    h, w = img.shape
+    ok = np.isfinite(img) if good is None else (np.asarray(good, dtype=bool) & np.isfinite(img))
+    out = {"signal": np.zeros(n), "noise2": np.zeros(n)}
+    if n == 0:
+        return out
+    y, x = np.divmod(flat, w)
+    lo_y, hi_y = np.full(n, h), np.full(n, -1)
+    lo_x, hi_x = np.full(n, w), np.full(n, -1)
+    np.minimum.at(lo_y, comp, y)
+    np.maximum.at(hi_y, comp, y)
+    np.minimum.at(lo_x, comp, x)
+    np.maximum.at(hi_x, comp, x)
+    spots = np.zeros((h, w), dtype=bool)
+    spots.ravel()[flat] = True
+    background = ok & ~ndimage.binary_dilation(spots, np.ones((5, 5), dtype=bool))
+    sample = img[background][::max(1, int(background.sum()) // 16384)]
+    panel_level = float(np.median(sample)) if sample.size else 0.0
+    panel_sigma = 1.4826 * float(np.median(np.abs(sample - panel_level))) if sample.size else 0.0
+    order = np.argsort(comp, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(np.bincount(comp, minlength=n))])
+    three = np.ones((3, 3), dtype=bool)
+    steps = np.arange(_LINE_PIXELS, dtype=np.float64)
+    u = float(unit or 0.0)
+    for c in range(n):
+        y0, y1 = max(lo_y[c] - radius, 0), min(hi_y[c] + radius + 1, h)
+        x0, x1 = max(lo_x[c] - radius, 0), min(hi_x[c] + radius + 1, w)
+        win, bgw = img[y0:y1, x0:x1], background[y0:y1, x0:x1]
+        bg = win[bgw]
+        if bg.size >= 8:
+            level = float(np.median(bg))
+            sigma = 1.4826 * float(np.median(np.abs(bg - level)))
+        else:
+            level, sigma = panel_level, panel_sigma
+        pix = flat[order[starts[c]:starts[c + 1]]]
+        py, px = pix // w - y0, pix % w - x0
+        own = np.zeros(win.shape, dtype=bool)
+        own[py, px] = True
+        aperture = ndimage.binary_dilation(own, three) & ok[y0:y1, x0:x1]
+        npix, total = int(aperture.sum()), float(win[aperture].sum())
+        ay, ax = np.nonzero(aperture)
+        ext = float(np.sqrt(((py - py.mean()) ** 2 + (px - px.mean()) ** 2).max()))
+        t = 2.0 * ext + 3.0 + steps  # shifts that take the aperture clear of itself
+        t = np.concatenate([t, -t])
+        sy = np.rint(ay[None, :, None] + y0 + t * _LINES[:, :1, None]).astype(np.int64)  # [line, pixel, step]
+        sx = np.rint(ax[None, :, None] + x0 + t * _LINES[:, 1:, None]).astype(np.int64)
+        inside = (sy >= 0) & (sy < h) & (sx >= 0) & (sx < w)
+        sy, sx = np.where(inside, sy, 0), np.where(inside, sx, 0)
+        use = inside & background[sy, sx]
+        k = use.sum(axis=2)  # [line, pixel]
+        vals = np.sort(np.where(use, img[sy, sx], np.inf), axis=2)  # the unused sort last
+        lo = np.take_along_axis(vals, np.maximum(k - 1, 0)[..., None] // 2, axis=2)[..., 0]
+        hi = np.take_along_axis(vals, (k // 2)[..., None], axis=2)[..., 0]
+        along = np.where(k.min(axis=1) >= _LINE_PIXELS, 0.5 * (lo + hi).sum(axis=1), -np.inf)
+        line = max(level * npix, float(along.max()))
+        out["signal"][c] = sig = total - line
+        out["noise2"][c] = npix * sigma * sigma + u * max(sig, 0.0)
+    return out
+
+
+_LINE_PIXELS = 4
+_LINES = np.stack([np.sin(np.arange(8) * np.pi / 8), np.cos(np.arange(8) * np.pi / 8)], 1)  # every 22.5 degrees
 
 
 LONE_PIXEL_RATIO = 30.0
@@ -178,15 +265,19 @@ LONE_PIXEL_RATIO = 30.0
 
 
 def lone_pixels(image: np.ndarray, good: np.ndarray | None = None, ratio: float = LONE_PIXEL_RATIO,
-                unit: float | None = None, samples: int = 16384) -> np.ndarray:
-    """Pixels that are bright on their own: unmasked hot pixels and zingers, found per image.
+                unit: float | None = None, samples: int = 16384, max_group: int = 4) -> np.ndarray:
+    """Pixels that are bright on their own: unmasked hot pixels (single or in small clusters) and zingers,
+    found per image.
 
     A pixel is *lone* when its value above the image's median exceeds ``ratio`` times the brightest of its 8
     neighbours above the median, that being at least the noise sigma (``1.4826 * MAD``) and ``unit`` (one
-    photon in ADU, when known). A Bragg spot is never lone: the detector's point spread puts, for a spot of
-    sigma 0.3 px centred on a pixel, 1/19 of its peak value into each side neighbour (0.5 px: 1/5), and a
-    saturated spot has saturated neighbours. Only candidates (above ``ratio`` noise sigmas) are examined, so
-    the cost follows their number. ``image`` and ``good`` are ``[H, W]``; returns bool ``[H, W]``.
+    photon in ADU, when known). A group of up to ``max_group`` 8-connected candidates (pixels above ``ratio``
+    noise sigmas; hot defects come in clusters of 2-4) is lone in the same way: its dimmest pixel above the
+    median exceeds ``ratio`` times the brightest pixel of the ring around it. A Bragg spot is never lone: the
+    detector's point spread puts, for a spot of sigma 0.3 px centred on a pixel, 1/19 of its peak value into
+    each side neighbour (0.5 px: 1/5; a spot between two pixels puts ~1/4 of each into the ring), and a
+    saturated spot has saturated neighbours. Only candidates are examined, so the cost follows their number.
+    ``image`` and ``good`` are ``[H, W]``; returns bool ``[H, W]``.
     """
     img = np.asarray(image)
     vals = img if good is None else img[np.asarray(good, dtype=bool)]
@@ -201,14 +292,29 @@ def lone_pixels(image: np.ndarray, good: np.ndarray | None = None, ratio: float 
         return out
     h, w = img.shape
     y, x = np.divmod(cand, w)
-    nb = np.full(cand.size, -np.inf)
+    is_cand = np.zeros(img.shape, dtype=bool)
+    is_cand.ravel()[cand] = True
+    nb = np.full(cand.size, -np.inf)  # brightest neighbour
+    ring = np.full(cand.size, -np.inf)  # brightest neighbour that is not a candidate
     for dy in (-1, 0, 1):
         for dx in (-1, 0, 1):
             if dy or dx:
                 yy, xx = y + dy, x + dx
                 ok = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-                nb[ok] = np.maximum(nb[ok], img[yy[ok], xx[ok]])
-    lone = img.ravel()[cand] - base > ratio * np.maximum(nb - base, noise)
+                v = img[yy[ok], xx[ok]]
+                nb[ok] = np.maximum(nb[ok], v)
+                ring[ok] = np.where(is_cand[yy[ok], xx[ok]], ring[ok], np.maximum(ring[ok], v))
+    val = img.ravel()[cand] - base
+    lone = val > ratio * np.maximum(nb - base, noise)
+    if max_group > 1:  # small groups of candidates: their dimmest pixel against their ring
+        _, comp, n = label_components(is_cand, 8, "sparse")  # raster order = the order of cand
+        size = np.bincount(comp, minlength=n)
+        low = np.full(n, np.inf)
+        np.minimum.at(low, comp, val)
+        top = np.full(n, -np.inf)
+        np.maximum.at(top, comp, ring)
+        group = (size > 1) & (size <= max_group) & (low > ratio * np.maximum(top - base, noise))
+        lone |= group[comp]
     out.ravel()[cand[lone]] = True
     return out
 

@@ -106,14 +106,15 @@ def peak_table(p, what: str) -> np.ndarray:
 
 
 CSV_COLUMNS = ("frame", "panel", "fs", "ss", "slab_fs", "slab_ss", "x_lab", "y_lab", "intensity", "npix",
-               "max_value")
+               "max_value", "snr")
 
 
 def write_csv(path: str | os.PathLike, peaks_per_frame: Iterable) -> Path:
     """Write peaks as CSV, one row per peak, atomically, with the header
-    ``frame,panel,fs,ss,slab_fs,slab_ss,x_lab,y_lab,intensity,npix,max_value``: ``fs``/``ss`` panel-local and
-    ``slab_fs``/``slab_ss`` slab pixels (NumPy pixel-centre convention), ``x_lab``/``y_lab`` lab-frame
-    **metres** (empty without a geometry), as in :data:`~vitkit.apps.peaks.peakfind.PEAK_DTYPE`.
+    ``frame,panel,fs,ss,slab_fs,slab_ss,x_lab,y_lab,intensity,npix,max_value,snr``: ``fs``/``ss`` panel-local
+    and ``slab_fs``/``slab_ss`` slab pixels (NumPy pixel-centre convention), ``x_lab``/``y_lab`` lab-frame
+    **metres** (empty without a geometry), ``snr`` the photometric SNR, as in
+    :data:`~vitkit.apps.peaks.peakfind.PEAK_DTYPE`.
 
     ``peaks_per_frame`` may be any iterable (e.g. a generator over a long run) of peak tables or ``[n, 3]``
     ``(y, x, intensity)`` rows; frames without peaks have no rows. Floats keep 9 significant digits
@@ -130,28 +131,31 @@ def write_csv(path: str | os.PathLike, peaks_per_frame: Iterable) -> Path:
                 for r in peak_table(p, f"write_csv(peaks_per_frame[{i}])"):
                     wr.writerow([i, int(r["panel"]), fmt(r["fs"]), fmt(r["ss"]), fmt(r["slab_fs"]), fmt(r["slab_ss"]),
                                  fmt(r["x_lab"]), fmt(r["y_lab"]), fmt(r["intensity"]), int(r["npix"]),
-                                 fmt(r["max_value"])])
+                                 fmt(r["max_value"]), fmt(r["snr"])])
     return Path(path)
 
 
 def read_csv_peaks(path: str | os.PathLike, n_frames: int | None = None) -> list[np.ndarray]:
-    """Peak tables from a :func:`write_csv` file, one per frame; ``n_frames`` pads with empty tables."""
+    """Peak tables from a :func:`write_csv` file, one per frame; ``n_frames`` pads with empty tables. Files of
+    earlier versions (no ``snr`` column) read with ``snr`` NaN."""
     from vitkit.apps.peaks.peakfind import empty_peaks
 
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    if not rows or tuple(c.strip() for c in rows[0]) != CSV_COLUMNS:
+    header = tuple(c.strip() for c in rows[0]) if rows else ()
+    if header not in (CSV_COLUMNS, CSV_COLUMNS[:-1]):
         raise UnsupportedFormatError(f"{path}: expected the header {','.join(CSV_COLUMNS)}, found "
                                      f"{','.join(rows[0]) if rows else 'an empty file'}.")
     data = np.array([[float(c) if c != "" else np.nan for c in r] for r in rows[1:] if r],
-                    dtype=np.float64).reshape(-1, len(CSV_COLUMNS))
+                    dtype=np.float64).reshape(-1, len(header))
     frame = data[:, 0].astype(np.int64)
     n = max(int(frame.max()) + 1 if len(frame) else 0, n_frames or 0)
     out = []
     for i in range(n):
         sel = data[frame == i]
         t = empty_peaks(len(sel))
-        for j, name in enumerate(CSV_COLUMNS[1:], start=1):
+        t["snr"] = np.nan
+        for j, name in enumerate(header[1:], start=1):
             t[name] = sel[:, j]
         out.append(t)
     return out

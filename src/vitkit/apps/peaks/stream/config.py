@@ -135,7 +135,9 @@ class PeaksConfig:
     """Ray CPUs reserved per peak actor."""
     min_peaks: int = 0
     max_peaks: int = 2048
-    min_pixels: int = 3
+    min_pixels: int = 1
+    min_snr: float | None = 5.5
+    """Smallest photometric SNR of a peak (as ``vitkit predict --min-snr``; None: no test)."""
     threshold: float = 0.6
     """Peak-class share of the probabilities a peak core needs (as ``vitkit predict --threshold``)."""
 

@@ -200,7 +200,7 @@ class StreamPipeline:
             good = read_mask(d.mask, self.detector, d.mask_key)
         self.finder = PeakFinder(None, self.detector, good, overlap=self.cfg.model.overlap, min_pixels=p.min_pixels,
                                  min_peaks=p.min_peaks, max_peaks=p.max_peaks, threshold=p.threshold,
-                                 sparse=self.cfg.model.sparse)
+                                 min_snr=p.min_snr, sparse=self.cfg.model.sparse)
         self.check = EventCheck(self.detector, self.finder.good)
 
     def _open_source(self):
