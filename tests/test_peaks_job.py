@@ -60,7 +60,7 @@ def test_cxi_reads_back_with_h5py(trained_run):
         res = f["/entry_1/result_1"]
         n = res["nPeaks"][()]
         assert n.shape == (2,) and n.dtype == np.int32
-        for name in ("peakXPosRaw", "peakYPosRaw", "peakTotalIntensity"):
+        for name in ("peakXPosRaw", "peakYPosRaw", "peakTotalIntensity", "peakSNR"):
             assert res[name].shape == (2, 2048) and res[name].dtype == np.float32
         rows = []
         for i in range(2):
@@ -68,9 +68,10 @@ def test_cxi_reads_back_with_h5py(trained_run):
                 rows.append((i, res["peakYPosRaw"][i, j], res["peakXPosRaw"][i, j], res["peakTotalIntensity"][i, j]))
             assert not res["peakXPosRaw"][i, n[i]:].any()  # zero padding past nPeaks
     lines = (run / "peaks.csv").read_text().strip().splitlines()
-    assert lines[0] == "frame,panel,fs,ss,slab_fs,slab_ss,x_lab,y_lab,intensity,npix,max_value"
+    assert lines[0] == "frame,panel,fs,ss,slab_fs,slab_ss,x_lab,y_lab,intensity,npix,max_value,snr"
     csv_rows = [[float(v) for v in line.split(",")] for line in lines[1:]]
     assert len(csv_rows) == len(rows)
+    assert all(r[11] >= 5.5 for r in csv_rows)  # PeakFinder's min_snr, written per peak
     got = np.array([(r[0], r[5], r[4], r[8]) for r in csv_rows], dtype=np.float64).reshape(-1, 4)
     assert np.allclose(got, np.array(rows, dtype=np.float64).reshape(-1, 4), rtol=1e-5, atol=1e-3)
     for r in csv_rows:  # slab = panel offset (psana order along slow scan) + panel-local

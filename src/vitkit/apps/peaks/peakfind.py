@@ -303,7 +303,7 @@ def lone_pixels(image: np.ndarray, good: np.ndarray | None = None, ratio: float 
                 ok = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
                 v = img[yy[ok], xx[ok]]
                 nb[ok] = np.maximum(nb[ok], v)
-                ring[ok] = np.where(is_cand[yy[ok], xx[ok]], ring[ok], np.maximum(ring[ok], v))
+                ring[ok] = np.where(is_cand[yy[ok], xx[ok]], ring[ok], np.fmax(ring[ok], v))  # NaN: a bad pixel
     val = img.ravel()[cand] - base
     lone = val > ratio * np.maximum(nb - base, noise)
     if max_group > 1:  # small groups of candidates: their dimmest pixel against their ring
@@ -312,7 +312,7 @@ def lone_pixels(image: np.ndarray, good: np.ndarray | None = None, ratio: float 
         low = np.full(n, np.inf)
         np.minimum.at(low, comp, val)
         top = np.full(n, -np.inf)
-        np.maximum.at(top, comp, ring)
+        np.fmax.at(top, comp, ring)
         group = (size > 1) & (size <= max_group) & (low > ratio * np.maximum(top - base, noise))
         lone |= group[comp]
     out.ravel()[cand[lone]] = True
