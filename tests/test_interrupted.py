@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from vitkit.apps.peaks.synthetic import SynthConfig, SyntheticPeakDataset
+from vitkit.apps.peaks.writers import CSV_COLUMNS
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 # a tiny EoMT trained for 3 steps: cheap, deterministic, and it finds a few peaks at --threshold 0.3
@@ -113,7 +114,7 @@ def _check_complete(out: Path, ref: Path) -> tuple[set[str], set[str]]:
             assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
         elif p.suffix == ".csv":
             lines = p.read_text().splitlines()
-            assert lines[0] == "frame,panel,fs,ss,slab_fs,slab_ss,x_lab,y_lab,intensity,npix,max_value"
+            assert lines[0] == ",".join(CSV_COLUMNS)
             assert p.read_bytes() == (ref / p.name).read_bytes(), f"{len(lines) - 1} rows"
         else:
             assert np.array_equal(_png(p), _png(ref / p.name)), p.name

@@ -53,6 +53,7 @@ def cxi_result_group(f):
     return r
 
 
+_F32_MAX = float(np.finfo(np.float32).max)  # an infinite SNR (noise-free data) is stored as the largest float32
 CXI_PEAK_COLUMNS = (("peakXPosRaw", "slab_fs"), ("peakYPosRaw", "slab_ss"), ("peakTotalIntensity", "intensity"),
                     ("peakNPixels", "npix"), ("peakMaximumValue", "max_value"), ("peakSNR", "snr"))
 
@@ -99,7 +100,7 @@ def write_cxi(path: str | os.PathLike, peaks_per_frame: Sequence, frames=None, m
         t = cxi_peak_rows(p, f"write_cxi(peaks_per_frame[{i}])", max_peaks)
         npk[i] = len(t)
         for name, field in CXI_PEAK_COLUMNS:
-            cols[name][i, :len(t)] = np.nan_to_num(t[field], nan=0.0)
+            cols[name][i, :len(t)] = np.nan_to_num(t[field], nan=0.0, posinf=_F32_MAX, neginf=-_F32_MAX)
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             r = cxi_result_group(f)

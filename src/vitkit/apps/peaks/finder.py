@@ -292,7 +292,9 @@ def event_peaks(detector: Detector | None, event: np.ndarray, mask: np.ndarray, 
                                            good=None if good is None else good[k],
                                            unit=None if unit is None else float(unit[k]), snr_radius=SNR_RADIUS),
                         merge_radius)
-        c["snr"] = c.pop("signal") / np.sqrt(np.maximum(c.pop("noise2"), 1e-300))
+        sig, n2 = c.pop("signal"), c.pop("noise2")
+        with np.errstate(divide="ignore", invalid="ignore"):  # noise-free data: an infinite SNR
+            c["snr"] = np.where(n2 > 0, sig / np.sqrt(n2), np.sign(sig) * np.inf)
         keep = np.ones(len(c["y"]), dtype=bool)
         if min_snr is not None:
             keep &= c["snr"] >= min_snr
