@@ -282,9 +282,8 @@ def event_peaks(detector: Detector | None, event: np.ndarray, mask: np.ndarray, 
     closer than ``merge_radius`` px merged (:func:`merge_close`), each with its photometric ``snr``
     (:func:`~vitkit.apps.peaks.peakfind.local_signal`: against the local background or the brightest line
     through the peak, in photons when the detector gives ``adu_per_photon``); peaks below ``min_snr`` are
-    dropped (None: none). With ``good``
-    (``[P, H, W]``, True = good), a peak whose centroid falls on a bad pixel is dropped: its own pixels are
-    good, but the place it reports is not."""
+    dropped (None: none). With ``good`` (``[P, H, W]``, True = good), a peak whose centroid falls on a bad
+    pixel is dropped: its own pixels are good, but the place it reports is not."""
     unit = None if detector is None else detector.photon_adu()
     parts = []
     for k in range(event.shape[0]):
