@@ -33,16 +33,14 @@ import numpy as np
 import torch
 
 from vitkit.apps.peaks.detector import Detector, DetectorShapeError, load_detector
-from vitkit.apps.peaks.peakfind import LONE_PIXEL_RATIO, PEAK_DTYPE, empty_peaks, measure_components
+from vitkit.apps.peaks.peakfind import LONE_PIXEL_RATIO, PEAK_DTYPE, SNR_RADIUS, empty_peaks, measure_components
 from vitkit.errors import CheckpointError, CheckpointNotFoundError, ConfigError, InputError
 
 __all__ = ["PEAK_DTYPE", "PeakFinder", "empty_peaks", "load_model", "read_mask", "bad_region_mask",
-           "EventSource", "event_peaks", "event_good", "run_geometry", "MERGE_RADIUS", "SNR_RADIUS"]
+           "EventSource", "event_peaks", "event_good", "run_geometry", "MERGE_RADIUS"]
 
 MERGE_RADIUS = 3.0
 """Peaks closer than this (px) are one peak (:func:`merge_close`); the simulator's truth merges alike."""
-SNR_RADIUS = 5
-"""Half-width (px) around a peak where :func:`event_peaks` measures its local background."""
 
 MODEL_CONFIG_KEY = "vitkit_model_config"
 

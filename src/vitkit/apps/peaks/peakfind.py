@@ -32,7 +32,7 @@ from scipy.sparse.csgraph import connected_components
 from vitkit.errors import InputError
 
 __all__ = ["PEAK_DTYPE", "empty_peaks", "as_peak_table", "LONE_PIXEL_RATIO", "lone_pixels", "find_peaks",
-           "measure_components", "local_signal", "peaks_per_frame", "label_components", "logits_to_mask"]
+           "measure_components", "local_signal", "SNR_RADIUS", "peaks_per_frame", "label_components", "logits_to_mask"]
 
 _SPARSE_MAX_FILL = 0.05
 
@@ -178,8 +178,14 @@ def measure_components(mask: np.ndarray, image: np.ndarray, min_pixels: int = 1,
     return out
 
 
+SNR_RADIUS = 5
+"""Half-width (px) around a peak where :func:`local_signal` measures its background (PeakFinder's choice)."""
+_LINE_PIXELS = 4
+_LINES = np.stack([np.sin(np.arange(8) * np.pi / 8), np.cos(np.arange(8) * np.pi / 8)], 1)  # every 22.5 degrees
+
+
 def local_signal(image: np.ndarray, good: np.ndarray | None, flat: np.ndarray, comp: np.ndarray, n: int,
-                 unit: float | None = None, radius: int = 5) -> dict[str, np.ndarray]:
+                 unit: float | None = None, radius: int = SNR_RADIUS) -> dict[str, np.ndarray]:
     """Background-subtracted signal of each component and its variance, for a photometric SNR
     ``signal / sqrt(noise2)`` as peakfinder8 and the simulator's visibility rule judge a spot.
 
@@ -254,10 +260,6 @@ def local_signal(image: np.ndarray, good: np.ndarray | None, flat: np.ndarray, c
         out["signal"][c] = sig = total - line
         out["noise2"][c] = npix * sigma * sigma + u * max(sig, 0.0)
     return out
-
-
-_LINE_PIXELS = 4
-_LINES = np.stack([np.sin(np.arange(8) * np.pi / 8), np.cos(np.arange(8) * np.pi / 8)], 1)  # every 22.5 degrees
 
 
 LONE_PIXEL_RATIO = 30.0
