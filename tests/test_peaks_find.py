@@ -199,6 +199,53 @@ def test_local_signal_is_the_background_subtracted_aperture_sum_and_snr_is_in_no
     assert -1.5 < np.mean(snr) < -0.6 and 0.7 < np.std(snr) < 1.2 and max(snr) < 3.0
 
 
+def test_window_medians_of_many_windows_at_once_equal_numpy_per_window():
+    """local_signal's background level and noise of every component at once: windows of many sizes (gathered in
+    padded groups), with pixels excluded, equal np.median / MAD window by window."""
+    from vitkit.apps.peaks.peakfind import _window_median_mad
+
+    rng = np.random.default_rng(4)
+    img = rng.normal(3.0, 2.0, (50, 70))
+    use = rng.random(img.shape) > 0.3
+    y0, x0 = rng.integers(0, 40, 60), rng.integers(0, 60, 60)
+    y1, x1 = np.minimum(y0 + rng.integers(1, 30, 60), 50), np.minimum(x0 + rng.integers(1, 30, 60), 70)
+    y1[0], x1[0], use[y0[0]:y1[0], x0[0]:x1[0]] = y0[0] + 2, x0[0] + 2, False  # a window with no usable pixel
+    level, sigma, count = _window_median_mad(img, use, y0, y1, x0, x1)
+    for i in range(60):
+        v = img[y0[i]:y1[i], x0[i]:x1[i]][use[y0[i]:y1[i], x0[i]:x1[i]]]
+        assert count[i] == v.size
+        if v.size:
+            assert level[i] == np.median(v) and sigma[i] == 1.4826 * np.median(np.abs(v - np.median(v)))
+    assert count[0] == 0 and level[0] == 0.0
+
+
+def test_local_signal_falls_back_to_the_panel_background_and_handles_the_border():
+    from vitkit.apps.peaks.peakfind import measure_components
+
+    rng = np.random.default_rng(5)
+    # a component whose whole window (radius 1) lies within 2 px of it: no local background, the panel's serves
+    img = rng.normal(10.0, 1.0, (12, 12))
+    mask = np.zeros(img.shape, dtype=bool)
+    mask[3:9, 3:9] = True
+    img[mask] += 20.0
+    c = measure_components(mask, img, snr_radius=1)
+    frame = ~ndimage.binary_dilation(mask, np.ones((5, 5), dtype=bool))  # the pixels 3 px clear of it
+    level = np.median(img[frame])
+    sigma = 1.4826 * np.median(np.abs(img[frame] - level))
+    np.testing.assert_allclose(c["signal"], [img[2:10, 2:10].sum() - 64 * level], rtol=1e-12)
+    np.testing.assert_allclose(c["noise2"], [64 * sigma ** 2], rtol=1e-12)
+    # a spot in the corner: window and aperture clipped to the panel; the window's 9 pixels 3 px clear of it
+    img = rng.normal(10.0, 1.0, (12, 12))
+    mask = np.zeros(img.shape, dtype=bool)
+    mask[0:2, 0:2] = True
+    img[0:2, 0:2] += 50.0
+    c = measure_components(mask, img, snr_radius=3)
+    ring = np.zeros((5, 5), dtype=bool)
+    ring[4, :] = ring[:, 4] = True
+    assert c["npix"][0] == 4 and ring.sum() == 9
+    assert c["signal"][0] <= img[0:3, 0:3].sum() - 9 * np.median(img[0:5, 0:5][ring]) + 1e-9
+
+
 def test_event_peaks_keep_faint_one_pixel_cores_by_snr_and_drop_noise():
     from vitkit.apps.peaks.finder import event_peaks
 

@@ -208,6 +208,8 @@ def local_signal(image: np.ndarray, good: np.ndarray | None, flat: np.ndarray, c
     out = {"signal": np.zeros(n), "noise2": np.zeros(n)}
     if n == 0:
         return out
+    # every component at once (an event can hold a thousand): its pixels, aperture pixels and line samples are
+    # rows of flat arrays, reduced per component with bincount / reduceat
     y, x = np.divmod(flat, w)
     lo_y, hi_y = np.full(n, h), np.full(n, -1)
     lo_x, hi_x = np.full(n, w), np.full(n, -1)
@@ -215,51 +217,90 @@ def local_signal(image: np.ndarray, good: np.ndarray | None, flat: np.ndarray, c
     np.maximum.at(hi_y, comp, y)
     np.minimum.at(lo_x, comp, x)
     np.maximum.at(hi_x, comp, x)
-    spots = np.zeros((h, w), dtype=bool)
-    spots.ravel()[flat] = True
-    background = ok & ~ndimage.binary_dilation(spots, np.ones((5, 5), dtype=bool))
-    sample = img[background][::max(1, int(background.sum()) // 16384)]
-    panel_level = float(np.median(sample)) if sample.size else 0.0
-    panel_sigma = 1.4826 * float(np.median(np.abs(sample - panel_level))) if sample.size else 0.0
-    order = np.argsort(comp, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(np.bincount(comp, minlength=n))])
-    three = np.ones((3, 3), dtype=bool)
-    steps = np.arange(_LINE_PIXELS, dtype=np.float64)
-    u = float(unit or 0.0)
-    for c in range(n):
-        y0, y1 = max(lo_y[c] - radius, 0), min(hi_y[c] + radius + 1, h)
-        x0, x1 = max(lo_x[c] - radius, 0), min(hi_x[c] + radius + 1, w)
-        win, bgw = img[y0:y1, x0:x1], background[y0:y1, x0:x1]
-        bg = win[bgw]
-        if bg.size >= 8:
-            level = float(np.median(bg))
-            sigma = 1.4826 * float(np.median(np.abs(bg - level)))
-        else:
-            level, sigma = panel_level, panel_sigma
-        pix = flat[order[starts[c]:starts[c + 1]]]
-        py, px = pix // w - y0, pix % w - x0
-        own = np.zeros(win.shape, dtype=bool)
-        own[py, px] = True
-        aperture = ndimage.binary_dilation(own, three) & ok[y0:y1, x0:x1]
-        npix, total = int(aperture.sum()), float(win[aperture].sum())
-        ay, ax = np.nonzero(aperture)
-        ext = float(np.sqrt(((py - py.mean()) ** 2 + (px - px.mean()) ** 2).max()))
-        t = 2.0 * ext + 3.0 + steps  # shifts that take the aperture clear of itself
-        t = np.concatenate([t, -t])
-        sy = np.rint(ay[None, :, None] + y0 + t * _LINES[:, :1, None]).astype(np.int64)  # [line, pixel, step]
-        sx = np.rint(ax[None, :, None] + x0 + t * _LINES[:, 1:, None]).astype(np.int64)
-        inside = (sy >= 0) & (sy < h) & (sx >= 0) & (sx < w)
-        sy, sx = np.where(inside, sy, 0), np.where(inside, sx, 0)
-        use = inside & background[sy, sx]
-        k = use.sum(axis=2)  # [line, pixel]
-        vals = np.sort(np.where(use, img[sy, sx], np.inf), axis=2)  # the unused sort last
-        lo = np.take_along_axis(vals, np.maximum(k - 1, 0)[..., None] // 2, axis=2)[..., 0]
-        hi = np.take_along_axis(vals, (k // 2)[..., None], axis=2)[..., 0]
-        along = np.where(k.min(axis=1) >= _LINE_PIXELS, 0.5 * (lo + hi).sum(axis=1), -np.inf)
-        line = max(level * npix, float(along.max()))
-        out["signal"][c] = sig = total - line
-        out["noise2"][c] = npix * sigma * sigma + u * max(sig, 0.0)
+    y0, y1 = np.maximum(lo_y - radius, 0), np.minimum(hi_y + radius + 1, h)
+    x0, x1 = np.maximum(lo_x - radius, 0), np.minimum(hi_x + radius + 1, w)
+    near = np.zeros((h, w), dtype=bool)  # within 2 px of a component pixel: a 5x5 dilation, written directly
+    two = np.arange(-2, 3)
+    near[np.clip(y[:, None, None] + two[None, :, None], 0, h - 1),
+         np.clip(x[:, None, None] + two[None, None, :], 0, w - 1)] = True
+    background = ok & ~near
+    level, sigma, count = _window_median_mad(img, background, y0, y1, x0, x1)
+    few = count < 8
+    if few.any():  # the panel's background instead
+        sample = img[background][::max(1, int(background.sum()) // 16384)]
+        level[few] = panel_level = float(np.median(sample)) if sample.size else 0.0
+        sigma[few] = 1.4826 * float(np.median(np.abs(sample - panel_level))) if sample.size else 0.0
+    # aperture: the component's pixels grown by one, inside its window, good pixels only
+    one = np.arange(-1, 2)
+    ay = (y[:, None, None] + one[None, :, None]).repeat(3, 2).reshape(-1)
+    ax = (x[:, None, None] + one[None, None, :]).repeat(3, 1).reshape(-1)
+    ac = comp.repeat(9)
+    inb = (ay >= y0[ac]) & (ay < y1[ac]) & (ax >= x0[ac]) & (ax < x1[ac])
+    key = np.unique(ac[inb].astype(np.int64) * (h * w) + ay[inb] * w + ax[inb])  # by component, then raster
+    ac, af = np.divmod(key, h * w)
+    good_ap = ok.ravel()[af]
+    ac, af = ac[good_ap], af[good_ap]
+    npix = np.bincount(ac, minlength=n)
+    total = np.bincount(ac, img.ravel()[af], minlength=n)
+    # how far the component reaches from its centre: the line samples start clear of the aperture
+    cnt = np.bincount(comp, minlength=n)
+    ry, rx = (y - y0[comp]).astype(np.float64), (x - x0[comp]).astype(np.float64)
+    my, mx = np.bincount(comp, ry, minlength=n) / cnt, np.bincount(comp, rx, minlength=n) / cnt
+    ext = np.zeros(n)
+    np.maximum.at(ext, comp, (ry - my[comp]) ** 2 + (rx - mx[comp]) ** 2)
+    steps = 2.0 * np.sqrt(ext)[:, None] + 3.0 + np.arange(_LINE_PIXELS, dtype=np.float64)
+    t = np.concatenate([steps, -steps], 1)[ac]  # [aperture pixel, step]
+    py, px = np.divmod(af, w)
+    sy = np.rint(py[:, None, None] + t[:, None, :] * _LINES[None, :, :1]).astype(np.int64)  # [pixel, line, step]
+    sx = np.rint(px[:, None, None] + t[:, None, :] * _LINES[None, :, 1:]).astype(np.int64)
+    inside = (sy >= 0) & (sy < h) & (sx >= 0) & (sx < w)
+    sy, sx = np.where(inside, sy, 0), np.where(inside, sx, 0)
+    use = inside & background[sy, sx]
+    k = use.sum(axis=2)  # [pixel, line]
+    med = _sorted_median(np.sort(np.where(use, img[sy, sx], np.inf), axis=2), k)  # the unused sort last
+    along = np.full((n, len(_LINES)), -np.inf)  # per component and line: the sum of its pixels' medians
+    has = npix > 0
+    starts = np.concatenate([[0], np.cumsum(npix)[:-1]])[has]
+    if has.any():
+        along[has] = np.where(np.minimum.reduceat(k, starts, axis=0) >= _LINE_PIXELS,
+                              np.add.reduceat(med, starts, axis=0), -np.inf)
+    line = np.maximum(level * npix, along.max(axis=1))
+    out["signal"] = sig = total - line
+    out["noise2"] = npix * sigma * sigma + float(unit or 0.0) * np.maximum(sig, 0.0)
     return out
+
+
+def _window_median_mad(img: np.ndarray, use_map: np.ndarray, y0, y1, x0, x1
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Median, ``1.4826 * MAD`` and count of the ``use_map`` pixels of ``img`` in each window ``[y0:y1, x0:x1]``
+    (as :func:`numpy.median` computes them; 0 where a window has none). Windows are gathered in groups of one
+    padded size, so the work is a few sorts, not one call per window."""
+    n = len(y0)
+    level, sigma, count = np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64)
+    hh, ww = y1 - y0, x1 - x0
+    bh, bw = -(-hh // 8) * 8, -(-ww // 8) * 8
+    group = bh * (int(bw.max()) + 1) + bw
+    for g in np.unique(group):
+        sel = np.flatnonzero(group == g)
+        ry, rx = np.arange(bh[sel[0]]), np.arange(bw[sel[0]])
+        inside = (ry[None, :, None] < hh[sel, None, None]) & (rx[None, None, :] < ww[sel, None, None])
+        yy = np.where(inside, y0[sel, None, None] + ry[None, :, None], 0)
+        xx = np.where(inside, x0[sel, None, None] + rx[None, None, :], 0)
+        use = (inside & use_map[yy, xx]).reshape(len(sel), -1)
+        k = use.sum(1)
+        vals = np.sort(np.where(use, img[yy, xx].reshape(len(sel), -1), np.inf), axis=1)
+        med = _sorted_median(vals, k)
+        dev = np.sort(np.abs(vals - med[:, None]), axis=1)  # the unused stay inf, last
+        level[sel], sigma[sel], count[sel] = med, 1.4826 * _sorted_median(dev, k), k
+    return level, sigma, count
+
+
+def _sorted_median(vals: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Median of the first ``k`` values along the last axis of sorted ``vals`` (``k`` one count per row; 0 where it
+    is 0): the middle one, or the mean of the two, as :func:`numpy.median`."""
+    lo = np.take_along_axis(vals, (np.maximum(k - 1, 0) // 2)[..., None], axis=-1)[..., 0]
+    hi = np.take_along_axis(vals, (k // 2)[..., None], axis=-1)[..., 0]
+    return np.where(k > 0, 0.5 * (lo + hi), 0.0)
 
 
 LONE_PIXEL_RATIO = 30.0
