@@ -16,6 +16,9 @@ unweighted mean when the weights sum to 0, integrated intensity = sum of the ima
 * ``loop``            ``find_peaks_loop``, the PeakNet reference method: ``ndimage.label`` (3 x 3), then a
                       Python loop over components calling ``ndimage.center_of_mass`` and ``sum`` -- on each
                       component's bounding box (``ndimage.find_objects``), the fast way to write that loop;
+* ``vitkit_snr``      ``measure_components(..., snr_radius=5)``: the same peaks plus PeakFinder's photometric SNR
+                      (``local_signal``: local and along-line backgrounds, every component of the frame at once);
+                      what it costs on top of ``vitkit`` is the SNR;
 * ``naive_loop``      (``--naive``, timed once) the same loop with ``center_of_mass(weights, labels, i)`` and
                       ``ndimage.sum(image, labels, i)`` over the full frame for every component.
 
@@ -38,6 +41,7 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from vitkit.apps.peaks import SynthConfig, find_peaks, make_frame  # noqa: E402
+from vitkit.apps.peaks.peakfind import measure_components  # noqa: E402
 
 GOAL = 5.0  # vitkit speed / loop speed
 
@@ -71,6 +75,13 @@ def find_peaks_naive_loop(mask: np.ndarray, image: np.ndarray) -> np.ndarray:
             cy, cx = ndimage.center_of_mass(lab == i)
         out[i - 1] = (cy, cx, ndimage.sum(image, lab, i))
     return out
+
+
+def with_snr(mask: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """``(y, x, intensity)`` from :func:`measure_components` with the SNR photometry PeakFinder computes."""
+    c = measure_components(mask, image, snr_radius=5)
+    assert np.all(np.isfinite(c["signal"]))
+    return np.stack([c["y"], c["x"], c["intensity"]], 1)
 
 
 def compare(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -112,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     impls = {
         "vitkit": lambda m, i: find_peaks(m, i),
         "vitkit_ndimage": lambda m, i: find_peaks(m, i, method="ndimage"),
+        "vitkit_snr": with_snr,
         "loop": find_peaks_loop,
     }
     # correctness first

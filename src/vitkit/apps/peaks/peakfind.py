@@ -202,14 +202,16 @@ def local_signal(image: np.ndarray, good: np.ndarray | None, flat: np.ndarray, c
     plus the signal's own Poisson noise when one photon is ``unit`` ADU (None: no Poisson term). Returns
     float64 ``signal`` and ``noise2`` ``[n]`` in a dict.
     """
-    img = np.asarray(image, dtype=np.float64)
+    img = np.asarray(image)
+    if not np.issubdtype(img.dtype, np.floating):
+        img = img.astype(np.float64)
     h, w = img.shape
     ok = np.isfinite(img) if good is None else (np.asarray(good, dtype=bool) & np.isfinite(img))
     out = {"signal": np.zeros(n), "noise2": np.zeros(n)}
     if n == 0:
         return out
     # every component at once (an event can hold a thousand): its pixels, aperture pixels and line samples are
-    # rows of flat arrays, reduced per component with bincount / reduceat
+    # rows of flat arrays, reduced per component with bincount / reduceat; sums and medians in float64
     y, x = np.divmod(flat, w)
     lo_y, hi_y = np.full(n, h), np.full(n, -1)
     lo_x, hi_x = np.full(n, w), np.full(n, -1)
@@ -227,7 +229,7 @@ def local_signal(image: np.ndarray, good: np.ndarray | None, flat: np.ndarray, c
     level, sigma, count = _window_median_mad(img, background, y0, y1, x0, x1)
     few = count < 8
     if few.any():  # the panel's background instead
-        sample = img[background][::max(1, int(background.sum()) // 16384)]
+        sample = img[background].astype(np.float64)[::max(1, int(background.sum()) // 16384)]
         level[few] = panel_level = float(np.median(sample)) if sample.size else 0.0
         sigma[few] = 1.4826 * float(np.median(np.abs(sample - panel_level))) if sample.size else 0.0
     # aperture: the component's pixels grown by one, inside its window, good pixels only
@@ -238,10 +240,11 @@ def local_signal(image: np.ndarray, good: np.ndarray | None, flat: np.ndarray, c
     inb = (ay >= y0[ac]) & (ay < y1[ac]) & (ax >= x0[ac]) & (ax < x1[ac])
     key = np.unique(ac[inb].astype(np.int64) * (h * w) + ay[inb] * w + ax[inb])  # by component, then raster
     ac, af = np.divmod(key, h * w)
-    good_ap = ok.ravel()[af]
-    ac, af = ac[good_ap], af[good_ap]
+    py, px = np.divmod(af, w)
+    good_ap = ok[py, px]
+    ac, py, px = ac[good_ap], py[good_ap], px[good_ap]
     npix = np.bincount(ac, minlength=n)
-    total = np.bincount(ac, img.ravel()[af], minlength=n)
+    total = np.bincount(ac, img[py, px].astype(np.float64), minlength=n)
     # how far the component reaches from its centre: the line samples start clear of the aperture
     cnt = np.bincount(comp, minlength=n)
     ry, rx = (y - y0[comp]).astype(np.float64), (x - x0[comp]).astype(np.float64)
@@ -250,7 +253,6 @@ def local_signal(image: np.ndarray, good: np.ndarray | None, flat: np.ndarray, c
     np.maximum.at(ext, comp, (ry - my[comp]) ** 2 + (rx - mx[comp]) ** 2)
     steps = 2.0 * np.sqrt(ext)[:, None] + 3.0 + np.arange(_LINE_PIXELS, dtype=np.float64)
     t = np.concatenate([steps, -steps], 1)[ac]  # [aperture pixel, step]
-    py, px = np.divmod(af, w)
     sy = np.rint(py[:, None, None] + t[:, None, :] * _LINES[None, :, :1]).astype(np.int64)  # [pixel, line, step]
     sx = np.rint(px[:, None, None] + t[:, None, :] * _LINES[None, :, 1:]).astype(np.int64)
     inside = (sy >= 0) & (sy < h) & (sx >= 0) & (sx < w)
@@ -273,8 +275,8 @@ def local_signal(image: np.ndarray, good: np.ndarray | None, flat: np.ndarray, c
 def _window_median_mad(img: np.ndarray, use_map: np.ndarray, y0, y1, x0, x1
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Median, ``1.4826 * MAD`` and count of the ``use_map`` pixels of ``img`` in each window ``[y0:y1, x0:x1]``
-    (as :func:`numpy.median` computes them; 0 where a window has none). Windows are gathered in groups of one
-    padded size, so the work is a few sorts, not one call per window."""
+    (as :func:`numpy.median` computes them on float64 values; 0 where a window has none).
+    Windows are gathered in groups of one padded size, so the work is a few sorts, not one call per window."""
     n = len(y0)
     level, sigma, count = np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64)
     hh, ww = y1 - y0, x1 - x0
@@ -288,7 +290,7 @@ def _window_median_mad(img: np.ndarray, use_map: np.ndarray, y0, y1, x0, x1
         xx = np.where(inside, x0[sel, None, None] + rx[None, None, :], 0)
         use = (inside & use_map[yy, xx]).reshape(len(sel), -1)
         k = use.sum(1)
-        vals = np.sort(np.where(use, img[yy, xx].reshape(len(sel), -1), np.inf), axis=1)
+        vals = np.sort(np.where(use, img[yy, xx].astype(np.float64).reshape(len(sel), -1), np.inf), axis=1)
         med = _sorted_median(vals, k)
         dev = np.sort(np.abs(vals - med[:, None]), axis=1)  # the unused stay inf, last
         level[sel], sigma[sel], count[sel] = med, 1.4826 * _sorted_median(dev, k), k
@@ -298,8 +300,8 @@ def _window_median_mad(img: np.ndarray, use_map: np.ndarray, y0, y1, x0, x1
 def _sorted_median(vals: np.ndarray, k: np.ndarray) -> np.ndarray:
     """Median of the first ``k`` values along the last axis of sorted ``vals`` (``k`` one count per row; 0 where it
     is 0): the middle one, or the mean of the two, as :func:`numpy.median`."""
-    lo = np.take_along_axis(vals, (np.maximum(k - 1, 0) // 2)[..., None], axis=-1)[..., 0]
-    hi = np.take_along_axis(vals, (k // 2)[..., None], axis=-1)[..., 0]
+    lo = np.take_along_axis(vals, (np.maximum(k - 1, 0) // 2)[..., None], axis=-1)[..., 0].astype(np.float64)
+    hi = np.take_along_axis(vals, (k // 2)[..., None], axis=-1)[..., 0].astype(np.float64)
     return np.where(k > 0, 0.5 * (lo + hi), 0.0)
 
 
