@@ -107,6 +107,34 @@ def test_sparse_finder_keeping_everything_is_the_dense_finder(shots):
     assert not masks.any() and all(len(t) == 0 for t in tables) and none.kept_tokens[0] == 0
 
 
+def test_a_model_with_a_scorer_casts_to_bf16_and_scores_alike():
+    """`vitkit stream` with model.bf16 and `vitkit predict --bf16` cast a run's model, token scorer included (its
+    LayerNorm must take bf16 tokens): the scores and the sparse masks stay close to fp32's."""
+    from vitkit.layers.precision import cast_for_inference
+
+    model = _model(seed=2)
+    model.add_token_scorer(1)
+    with torch.no_grad():
+        model.token_scorer[1].weight.normal_()
+    x = torch.randn(3, 1, 64, 64)
+    with torch.inference_mode():
+        tokens, _, _ = model.token_features(x)
+        ref = model.token_scores(tokens)
+        model.token_threshold.fill_(float(ref.flatten().quantile(0.98)))
+        ref_masks = model.forward_sparse(x)[0][-1]
+        half = cast_for_inference(model, torch.bfloat16)
+        tokens, _, _ = half.token_features(x)
+        scores = half.token_scores(tokens)
+        masks, _, kept = half.forward_sparse(x)
+    assert tokens.dtype == torch.bfloat16 and scores.dtype == torch.float32
+    assert (scores - ref).abs().max() < 0.05 * ref.abs().max()
+    assert 0 < int(kept.sum()) < kept.numel()
+    on, ref_on = masks[-1] > -1e3, ref_masks > -1e3  # the pixels of computed tokens
+    both = on & ref_on
+    assert 0 < both.sum() >= 0.9 * max(on.sum(), ref_on.sum())
+    assert (masks[-1].float() - ref_masks)[both].abs().max() < 0.5
+
+
 def test_sparse_needs_a_scorer_and_the_fit_needs_peaks(shots):
     with pytest.raises(ConfigError, match="fitted token scorer"):
         PeakFinder(_model(), sparse=True)

@@ -12,7 +12,8 @@ peaks; ``--min-snr 0`` no SNR test), ``--min-peaks``
 / ``--max-peaks`` (per-event filters, brightest kept), ``--overlap`` (windows run through the model),
 ``--geometry`` (panels, slab and lab coordinates, detector.geom written), ``--mask`` / ``--mask-key`` /
 ``--mask-good`` / ``--mask-bad`` (no peak on a bad pixel, CrystFEL's bit rules vs psana's non-zero = good),
-``--dials`` (refused without a geometry). `vitkit predict` has no device or batch-size flag.
+``--dials`` (refused without a geometry), ``--sparse`` (the fitted token scorer's path), ``--bf16`` (the masks
+come from a bfloat16 model; the library's peaks with that model). `vitkit predict` has no device or batch-size flag.
 """
 
 from __future__ import annotations
@@ -327,6 +328,31 @@ def test_sparse_runs_the_fitted_token_scorer_path(learned_run, data, tmp_path, c
     f = PeakFinder.from_run(learned_run, sparse=True)
     f(data["frames"][:1])
     assert 0 < f.kept_tokens[0] < f.kept_tokens[1]
+
+
+def test_bf16_predicts_with_a_bfloat16_model(learned_run, data, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from vitkit.apps.peaks.finder import PeakFinder
+    from vitkit.apps.peaks.metrics import match_peaks
+    from vitkit.layers.precision import cast_for_inference
+
+    frames = str(data["dir"] / "frames.npy")
+    predict(capsys, learned_run, frames, "--out", str(tmp_path / "d"), "--overlays", "0")
+    seen = []
+    masks = PeakFinder._masks
+    monkeypatch.setattr(PeakFinder, "_masks", lambda self, *a: seen.append(self.model.q.weight.dtype)
+                        or masks(self, *a))
+    predict(capsys, learned_run, frames, "--out", str(tmp_path / "b"), "--overlays", "0", "--bf16")
+    assert seen and set(seen) == {torch.bfloat16}
+    f = PeakFinder.from_run(learned_run)
+    cast_for_inference(f.model, torch.bfloat16)
+    half = csv_tables(tmp_path / "b")
+    assert same_peaks(half, [f(e[None])[0] for e in data["frames"]])
+    dense = csv_tables(tmp_path / "d")
+    found = sum(match_peaks(np.c_[h["ss"], h["fs"]], np.c_[d["ss"], d["fs"]], 1.0)[0] for d, h in zip(dense, half))
+    n = sum(len(d) for d in dense)
+    assert n > 20 and found >= 0.9 * n, (found, n)
 
 
 def test_dials_needs_a_geometry(learned_run, data, tmp_path, capsys):

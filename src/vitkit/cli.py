@@ -122,6 +122,12 @@ def _finder(args: argparse.Namespace):
         if args.min_pixels is not None:
             kw["min_pixels"] = args.min_pixels
     finder = PeakFinder.from_run(args.checkpoint, geometry=args.geometry, **kw)
+    if args.bf16:
+        import torch
+
+        from vitkit.layers.precision import cast_for_inference
+
+        cast_for_inference(finder.model, torch.bfloat16)
     if args.mask:
         if finder.detector is None:
             from vitkit.errors import InputError
@@ -307,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "no test)")
         p.add_argument("--sparse", action="store_true", help="sparse-token inference: only patch tokens the run's "
                        "fitted scorer keeps go through the whole model (EoMT.forward_sparse)")
+        p.add_argument("--bf16", action="store_true", help="model weights in bfloat16, cast once (as vitkit stream's "
+                       "model.bf16): faster on CPUs with AVX512-BF16 or AMX and on GPUs, slower on CPUs without; "
+                       "masks differ slightly from fp32")
         if name == "predict":
             p.add_argument("--min-peaks", type=int, default=0, help="frames with fewer peaks report none")
             p.add_argument("--max-peaks", type=int, default=2048, help="keep at most this many (brightest)")

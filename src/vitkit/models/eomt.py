@@ -25,7 +25,7 @@ from vitkit.backbones.resolve import resolve_backbone
 from vitkit.backbones.vit import VisionTransformer
 from vitkit.errors import ConfigError
 from vitkit.kernels import bmm
-from vitkit.layers import LayerNorm2d
+from vitkit.layers.norm import LayerNorm, LayerNorm2d
 from vitkit.weights.eomt import eomt_configs, load_eomt_weights
 from vitkit.weights.export import write_model_dir
 from vitkit.weights.io import find_weights_file, read_json
@@ -195,7 +195,8 @@ class EoMT(nn.Module):
                               f"(the blocks before the queries join)")
         D = self.encoder.embed_dim
         dev, dt = self.q.weight.device, self.q.weight.dtype
-        self.token_scorer = nn.Sequential(nn.LayerNorm(D, elementwise_affine=False),
+        # vitkit's LayerNorm: it takes the bf16 tokens of a model cast for inference (cast_for_inference)
+        self.token_scorer = nn.Sequential(LayerNorm(D, elementwise_affine=False),
                                           nn.Linear(D, 1, device=dev, dtype=dt))
         self.register_buffer("token_threshold", torch.zeros((), device=dev, dtype=torch.float32))
         self.token_scorer_block = int(block)
