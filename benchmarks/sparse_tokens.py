@@ -2,6 +2,7 @@
 
     python benchmarks/sparse_tokens.py --run runs/<main job run>          # blocks 0,1,2; 8 test shots
     python benchmarks/sparse_tokens.py --run RUN --blocks 0 --shots 4 --reps 2 --threads 1
+    python benchmarks/sparse_tokens.py --run RUN --blocks "" --bf16    # dense fp32 vs bf16, and the run's scorer
 
 For each scorer block ``k`` (``--blocks``) a copy of the run's model gets a token scorer read after ``k`` blocks,
 fitted by :func:`vitkit.apps.peaks.sparse.fit_token_scorer` on ``--calib`` calibration shots (recall
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--calib", type=int, default=8, help="calibration shots for the scorer fit (default 8)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--reps", type=int, default=3, help="timed rounds (default 3; one warm-up round)")
+    ap.add_argument("--bf16", action="store_true", help="also time the dense finder with bfloat16 weights "
+                    "(vitkit predict --bf16)")
     ap.add_argument("--out", type=Path, default=Path("sparse_out"), help="output directory for the JSON")
     args = ap.parse_args(argv)
 
@@ -64,6 +67,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     events = [(event_of(it)[None], event_of(it["good"]).astype(bool)) for it in (test[i] for i in range(len(test)))]
 
     finders: dict[str, Any] = {"dense": dense}
+    if args.bf16:  # the other inference speed-up, for comparison: dense with the weights in bfloat16
+        import torch
+
+        from vitkit.layers.precision import cast_for_inference
+
+        finders["dense bf16"] = PeakFinder(cast_for_inference(copy.deepcopy(model), torch.bfloat16), det)
     fits: dict[str, Any] = {}
     if model.token_scorer is not None:
         finders["sparse (run's scorer)"] = PeakFinder(model, det, sparse=True)
