@@ -98,8 +98,9 @@ def test_strided_weight_is_made_dense(onednn_calls):
 
 @needs_onednn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_blocked_attention_with_query_row_mask_equals_sdpa(dtype):
-    """EoMT's masked query rows: the first R rows masked, split over several row blocks (R > chunk)."""
+def test_blocked_and_batched_attention_with_query_row_mask_equal_sdpa(dtype):
+    """EoMT's masked query rows: the first R rows masked, split over several row blocks (R > chunk); the batched
+    candidate the same in one piece."""
     g = torch.Generator().manual_seed(0)
     B, H, N, d, R = 2, 3, 45, 8, 13
     q, k, v = (torch.randn(B, H, N, d, generator=g) for _ in range(3))
@@ -112,11 +113,28 @@ def test_blocked_attention_with_query_row_mask_equals_sdpa(dtype):
         out = C.attention_blocked(q.to(dtype), k.to(dtype), v.to(dtype), mask, chunk=8).float()
         shared = C.attention_blocked(q, k, v, mask[:1, :1], chunk=8)  # one mask broadcast over images and heads
         stock = C.attention_stock(q, k, v, mask)
+        batched = C.attention_batched(q.to(dtype), k.to(dtype), v.to(dtype), mask).float()
+        batched_shared = C.attention_batched(q, k, v, mask[:1, :1])
     assert (out - ref).abs().max() < (1e-5 if dtype == torch.float32 else 0.03)
+    assert (batched - ref).abs().max() < (1e-5 if dtype == torch.float32 else 0.03)
     assert (stock - ref).abs().max() < 1e-5  # the stock path splits masked and unmasked rows into two SDPA calls
     full[:, :, :R] = mask[:1, :1]
     ref_shared = F.scaled_dot_product_attention(q, k, v, attn_mask=full).transpose(1, 2).reshape(B, N, H * d)
-    assert (shared - ref_shared).abs().max() < 1e-5
+    assert (shared - ref_shared).abs().max() < 1e-5 and (batched_shared - ref_shared).abs().max() < 1e-5
+
+
+@needs_onednn
+def test_batched_attention_is_offered_only_while_its_scores_stay_small(monkeypatch):
+    q = torch.randn(4, 2, 30, 8)
+    with torch.inference_mode():
+        out = K.attention(q, q, q)
+        assert "batched" in K.choices()[-1]["ms"]
+        monkeypatch.setattr(C, "BATCHED_MAX", 8 * 32 * 32 - 1)  # this shape class's scores: 8 x 32^2
+        K._chosen.clear()
+        K._timings.clear()
+        again = K.attention(q, q, q)
+    assert set(K.choices()[-1]["ms"]) == {"stock", "blocked"}
+    assert (again - out).abs().max() < 1e-5
 
 
 @needs_onednn

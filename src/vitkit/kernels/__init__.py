@@ -230,7 +230,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     B, H, N, d = q.shape
     key = ("attention", q.dtype, _bucket(B * H), _bucket(N), d, 0 if attn_mask is None else attn_mask.shape[-2],
            torch.get_num_threads())
-    return _dispatch(key, C.ATTENTION, (q, k, v, attn_mask))
+    impls = C.ATTENTION if key[2] * key[3] ** 2 <= C.BATCHED_MAX else C.ATTENTION_LARGE
+    return _dispatch(key, impls, (q, k, v, attn_mask))
 
 
 def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
