@@ -11,8 +11,8 @@ the same result up to summation order:
 * ``blocked`` attention: softmax attention as two GEMMs per (image, head) over blocks of query rows.
 * ``batched`` attention: the same as two batched matmuls over every (image, head) at once, the whole score matrix
   in memory; for many short sequences (the peak model's 64 x 64-pixel windows: 32 windows x 4 heads x 69 tokens,
-  1.1 ms against stock SDPA's 1.7 ms on the AMD EPYC host, 7 % of a whole event). Offered only where that matrix
-  stays small (:data:`BATCHED_MAX`).
+  1.1-1.2 ms against stock SDPA's 1.7-1.8 ms on the AMD EPYC host, ~6 % of a whole event). Offered only where that
+  matrix stays small (:data:`BATCHED_MAX`).
 * ``onednn`` batched matmul: one oneDNN GEMM per batch element.
 
 Which candidate is faster depends on the CPU, the dtype and the shape; the dispatcher measures it.
