@@ -3,8 +3,8 @@
 Model code calls :func:`linear`, :func:`attention` and :func:`bmm` and never asks which CPU it is on. Each
 operation has a *stock* implementation (what PyTorch's own modules compute: ``F.linear`` + activation, SDPA,
 ``torch.matmul``) and CPU-inference candidates (:mod:`vitkit.kernels.candidates`: oneDNN's fused linear, blocked
-GEMM attention, per-image oneDNN GEMMs). Where a candidate applies -- a CPU tensor in fp32 or bf16, nothing that
-needs a gradient, not inside ``torch.compile`` -- the first call of each *shape class* (operation, dtype,
+and batched GEMM attention, per-image oneDNN GEMMs). Where a candidate applies -- a CPU tensor in fp32 or bf16,
+nothing that needs a gradient, not inside ``torch.compile`` -- the first call of each *shape class* (operation, dtype,
 activation, bucketed sizes, torch threads) runs every candidate on the real operands, times them (a warm-up and
 the best of a few runs: milliseconds), checks each against the stock result within the dtype's tolerance, and
 keeps the fastest exact one for the rest of the process. A stock implementation is always a candidate, so on any
