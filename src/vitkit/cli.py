@@ -121,13 +121,7 @@ def _finder(args: argparse.Namespace):
         kw.update(min_peaks=args.min_peaks, max_peaks=args.max_peaks)
         if args.min_pixels is not None:
             kw["min_pixels"] = args.min_pixels
-    finder = PeakFinder.from_run(args.checkpoint, geometry=args.geometry, **kw)
-    if args.bf16:
-        import torch
-
-        from vitkit.layers.precision import cast_for_inference
-
-        cast_for_inference(finder.model, torch.bfloat16)
+    finder = PeakFinder.from_run(args.checkpoint, geometry=args.geometry, bf16=args.bf16, **kw)
     if args.mask:
         if finder.detector is None:
             from vitkit.errors import InputError

@@ -46,8 +46,19 @@ MODEL_CONFIG_KEY = "vitkit_model_config"
 
 
 # ------------------------------------------------------------------------------------------- model
-def load_model(checkpoint: str | Path):
-    """An EoMT from a training run: a run directory, a Lightning ``.ckpt`` or an exported model dir."""
+def load_model(checkpoint: str | Path, bf16: bool = False):
+    """An EoMT from a training run: a run directory, a Lightning ``.ckpt`` or an exported model dir. ``bf16``:
+    weights cast once to bfloat16 for inference (:func:`vitkit.layers.precision.cast_for_inference`: norms,
+    positions and softmax stay fp32; masks then differ slightly from fp32)."""
+    model = _load_model(checkpoint)
+    if bf16:
+        from vitkit.layers.precision import cast_for_inference
+
+        cast_for_inference(model, torch.bfloat16)
+    return model
+
+
+def _load_model(checkpoint: str | Path):
     from hydra.utils import instantiate
 
     from vitkit.models.eomt import EoMT
@@ -442,12 +453,13 @@ class PeakFinder:
                               "train have one; else vitkit.apps.peaks.sparse.fit_token_scorer)")
 
     @classmethod
-    def from_run(cls, run: str | os.PathLike, geometry=None, mask=None, **kwargs: Any) -> PeakFinder:
+    def from_run(cls, run: str | os.PathLike, geometry=None, mask=None, bf16: bool = False,
+                 **kwargs: Any) -> PeakFinder:
         """A finder from a ``vitkit train`` run (directory, ``.ckpt`` or exported model). ``geometry``
-        defaults to the run's ``detector.geom``."""
+        defaults to the run's ``detector.geom``; ``bf16``: the model in bfloat16 (:func:`load_model`)."""
         if geometry is None:
             geometry = run_geometry(run)
-        return cls(load_model(run), geometry, mask, **kwargs)
+        return cls(load_model(run, bf16), geometry, mask, **kwargs)
 
     def _events(self, events) -> np.ndarray:
         a = events if isinstance(events, np.ndarray) else np.asarray(events)

@@ -88,8 +88,8 @@ def actor_finder(template, checkpoint: str | os.PathLike, device: str = "cpu", b
     """The run's :class:`~vitkit.apps.peaks.finder.PeakFinder` ``template`` (detector, mask, filters; no model)
     with the trained model of ``checkpoint`` on ``device``.
 
-    ``bf16`` casts the weights to bfloat16 once (:func:`vitkit.layers.precision.cast_for_inference`: norms,
-    positions and softmax stay fp32); masks then differ slightly from fp32 ``vitkit predict``.
+    ``bf16``: the weights in bfloat16 (:func:`~vitkit.apps.peaks.finder.load_model`, as ``vitkit predict
+    --bf16``).
     """
     import torch
 
@@ -97,12 +97,7 @@ def actor_finder(template, checkpoint: str | os.PathLike, device: str = "cpu", b
 
     if torch_threads:
         torch.set_num_threads(int(torch_threads))
-    model = load_model(checkpoint)
-    if bf16:
-        from vitkit.layers.precision import cast_for_inference
-
-        cast_for_inference(model, torch.bfloat16)
-    return template.with_model(model, device)
+    return template.with_model(load_model(checkpoint, bf16), device)
 
 
 # ------------------------------------------------------------------------------------------------ masks
