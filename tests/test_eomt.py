@@ -387,64 +387,102 @@ def test_upscaler_runs_channels_last(batch):
 
 def _sparse_tiny(seed=0, **kw):
     torch.manual_seed(seed)
-    model = _tiny(patch_size=8, mask_stride=1, upscale_dims=[16, 8, 8], token_scorer_block=1, **kw).eval()
+    model = _tiny(patch_size=8, mask_stride=1, upscale_dims=[16, 8, 8], **kw).eval()
     model.attn_mask_probs.zero_()  # an inference model: masked attention annealed away
     return model
 
 
 @pytest.mark.parametrize("rope", [False, True])
 def test_sparse_tokens_keeping_everything_is_the_dense_model(rope):
+    from vitkit.apps.peaks.sparse import window_masks
+
     model = _sparse_tiny(backbone="dinov3_vits16") if rope else _sparse_tiny()
-    assert (model.encoder.rope_embed is not None) == rope
+    assert (model.encoder.rope_embed is not None) == rope and model.tile_size == 8
     x = torch.randn(3, 1, 64, 64)
     with torch.no_grad():
         dense_m, dense_c = model(x)
-        m, c, keep = model.forward_sparse(x, threshold=float("-inf"))
-        none_m, _, none_keep = model.forward_sparse(x, threshold=float("inf"))
-    assert keep.all() and keep.shape == (3, 8, 8)
-    torch.testing.assert_close(m[-1], dense_m[-1], atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(c[-1], dense_c[-1], atol=2e-5, rtol=1e-4)
-    assert not none_keep.any() and bool((none_m[-1] == -1e4).all())
+        tiles, classes, where = model.forward_sparse(x, torch.ones(3, 8, 8, dtype=torch.bool))
+        none = model.forward_sparse(x, torch.zeros(3, 8, 8, dtype=torch.bool))
+    masks, computed = window_masks(model, tiles, where, (3, 64, 64))
+    assert tiles.shape == (192, 4, 8, 8) and computed.all()
+    assert torch.equal(where[:, 0], torch.arange(3).repeat_interleave(64))  # images, then grid order
+    torch.testing.assert_close(masks, dense_m[-1], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(classes, dense_c[-1], atol=2e-5, rtol=1e-4)
+    assert none[0].shape[0] == 0 and none[2].shape == (0, 3) and not none[1].any()
 
 
-def test_sparse_tokens_fill_groups_with_real_tokens_and_drop_the_others():
-    """Images with different kept-token counts batched together: the one with fewer kept tokens computes as many
-    as the other, filled with its best-scored others (real tokens, no padding mask); each image's result is what
-    it gives alone on the same computed tokens, and pixels of tokens not computed have no class."""
+def test_sparse_tokens_pad_groups_exactly_and_decode_like_zero_features():
+    """Images with different kept counts share a group (the shorter padded, its padding masked as keys): each
+    image's tiles and classes are what it gives alone. The tile decoder equals the dense upscaler run on the grid
+    with the other tokens' features zero, for every tile whose neighbours are all computed (or outside)."""
     model = _sparse_tiny()
     x = torch.randn(2, 1, 64, 64)
+    keep = torch.zeros(2, 8, 8, dtype=torch.bool)
+    keep[0, 1:5, 2:6] = True  # a 4 x 4 block: 4 tokens with every neighbour computed
+    keep[1, 5:8, 0:3] = True  # a corner block: one inner token, others against the grid's edge
+    keep[1, 0, 7] = True  # a lone token in the other corner
     with torch.no_grad():
-        scores = model.token_scores(model.token_features(x)[0])
-        thr = float(scores[0].quantile(0.8))  # image 0 keeps a few tokens (+ neighbours), image 1 another count
-        grown = F.max_pool2d((scores > thr).view(2, 1, 8, 8).float(), 3, stride=1, padding=1)[:, 0] > 0
-        m, c, computed = model.forward_sparse(x, threshold=thr)
-        n0, n1 = int(grown[0].sum()), int(grown[1].sum())
-        assert 0 < min(n0, n1) < max(n0, n1) < 64
-        assert int(computed[0].sum()) == int(computed[1].sum()) == max(n0, n1)  # one group: the larger count
-        assert bool((computed | ~grown).all())  # every kept token is computed
-        lo = 0 if n0 < n1 else 1  # the image filled up: with its best-scored tokens outside the kept ones
-        extra = computed[lo] & ~grown[lo]
-        assert float(scores[lo].view(8, 8)[extra].min()) >= float(scores[lo].view(8, 8)[~computed[lo]].max())
+        tiles, classes, where = model.forward_sparse(x, keep)
+        assert tiles.shape[0] == int(keep.sum()) and torch.equal(keep[where[:, 0], where[:, 1], where[:, 2]],
+                                                                 torch.ones(len(where), dtype=torch.bool))
         for i in range(2):
-            mi, ci, ki = model.forward_sparse(x[i:i + 1], keep=computed[i:i + 1])
-            assert torch.equal(ki[0], computed[i])
-            torch.testing.assert_close(mi[-1][0], m[-1][i], atol=2e-5, rtol=1e-4)
-            torch.testing.assert_close(ci[-1][0], c[-1][i], atol=2e-5, rtol=1e-4)
+            ti, ci, wi = model.forward_sparse(x[i:i + 1], keep[i:i + 1])
+            mine = where[:, 0] == i
+            assert torch.equal(wi[:, 1:], where[mine, 1:])
+            torch.testing.assert_close(ti, tiles[mine], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(ci[0], classes[i], atol=2e-5, rtol=1e-4)
         with pytest.raises(ConfigError, match="keep has shape"):
-            model.forward_sparse(x, keep=computed[:1])
-    px = computed[:, :, None, :, None].expand(-1, -1, 8, -1, 8).reshape(2, 64, 64)
-    assert bool((m[-1].permute(1, 0, 2, 3)[:, ~px] == -1e4).all())
-    assert bool((m[-1].permute(1, 0, 2, 3)[:, px] > -1e4).all())
+            model.forward_sparse(x, keep[:1])
+
+        feats = torch.randn(2, 64, 32)
+        grid = (feats * keep.flatten(1)[..., None]).transpose(1, 2).reshape(2, 32, 8, 8)
+        dense = model.upscale(grid).permute(0, 2, 3, 1)  # [2, 64, 64, C]
+        image, pos = torch.nonzero(keep.flatten(1), as_tuple=True)
+        up = model.upscale_tiles(feats[image, pos], image, pos, 2, (8, 8))
+        r, c = pos // 8, pos % 8
+        ref = torch.stack([dense[b, 8 * y:8 * y + 8, 8 * xx:8 * xx + 8] for b, y, xx in zip(image, r, c)])
+        dropped = F.pad((~keep).float()[:, None], (1, 1, 1, 1))  # outside the grid counts as computed
+        inner = F.max_pool2d(dropped, 3, stride=1)[:, 0][image, r, c] == 0
+        assert int(inner.sum()) == 8  # the 2 x 2 middle of the block, the corner block's 2 x 2 against the edges
+        torch.testing.assert_close(up[inner], ref[inner], atol=2e-5, rtol=1e-4)
+        assert (up[~inner] - ref[~inner]).abs().max() > 1e-3  # at a computed / not-computed border they differ
 
 
-def test_sparse_tokens_refuse_a_model_in_training_or_without_a_scorer():
-    model = _sparse_tiny()
-    with pytest.raises(ConfigError, match="inference only"):
-        model.train().forward_sparse(torch.randn(1, 1, 64, 64))
-    model.eval().attn_mask_probs.fill_(1.0)
+def test_sparse_tokens_train_refuse_masks_and_cast():
+    from vitkit.layers.precision import cast_for_inference
+
+    model = _sparse_tiny().train()
+    x = torch.randn(2, 1, 64, 64)
+    keep = torch.zeros(2, 8, 8, dtype=torch.bool)
+    keep[0, 2:4, 2:5] = True
+    tiles, classes, where = model.forward_sparse(x, keep)
+    assert len(tiles) == 6 and classes[1].abs().sum() > 0  # an image with no token still has its classes
+    (tiles.square().mean() + classes.square().mean()).backward()
+    assert model.upscale[0].conv2.weight.grad.abs().sum() > 0
+    assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        ref_tiles, ref_classes, _ = model.forward_sparse(x, keep)
+    assert not ref_classes[1].any()  # in inference an image with no token is not computed at all
+    model.attn_mask_probs.fill_(1.0)
     with pytest.raises(ConfigError, match="annealed away"):
-        model.forward_sparse(torch.randn(1, 1, 64, 64))
-    with pytest.raises(ConfigError, match="no token scorer"):
-        _tiny().eval().token_features(torch.randn(1, 1, 64, 64))
-    with pytest.raises(ConfigError, match="token_scorer_block=5"):
-        _tiny(token_scorer_block=5)
+        model.forward_sparse(x, keep)
+    model.attn_mask_probs.zero_()
+    half = cast_for_inference(model, torch.bfloat16)
+    with torch.inference_mode():
+        t16, c16, w16 = half.forward_sparse(x, keep)
+    assert t16.dtype == torch.bfloat16 and len(w16) == 6
+    assert (t16.float() - ref_tiles).abs().max() < 0.05 * ref_tiles.abs().max() + 0.05
+
+
+def test_runs_saved_with_the_old_learned_token_scorer_still_load():
+    """Runs written before sparse inference took its tokens from the caller carry ``token_scorer_block`` in their
+    config and the scorer's weights: the model builds (with a warning) and loads them, the scorer's dropped."""
+    model = _tiny()
+    sd = model.state_dict()
+    sd.update({"token_scorer.1.weight": torch.zeros(1, 32), "token_scorer.1.bias": torch.zeros(1),
+               "token_threshold": torch.zeros(())})
+    with pytest.warns(DeprecationWarning, match="token_scorer_block"):
+        again = _tiny(token_scorer_block=1)
+    again.load_weights(sd)
+    torch.testing.assert_close(again.q.weight, model.q.weight)

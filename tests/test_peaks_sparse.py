@@ -1,21 +1,25 @@
-"""Sparse-token peak finding: the token scorer's fit (vitkit.apps.peaks.sparse) and PeakFinder(sparse=True).
+"""Sparse-token peak finding (vitkit.apps.peaks.sparse, PeakFinder(sparse_threshold=...)).
 
-EoMT's own sparse path (padding, RoPE, dropped pixels) is tested in test_eomt.py; here: the scorer is fitted to
-the recall it is asked for, the threshold travels with the saved model, and the finder's sparse path is the dense
-one when it keeps every token.
+EoMT's own sparse path (padding, RoPE, the tile decoder) is tested in test_eomt.py; here: the spot evidence and
+which tokens it keeps, the threshold's fit, the stitching of tiles into panel scores, the finder's sparse path
+(the dense one when it keeps every token), the fine-tune, and a run's sparse model and its errors.
 """
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vitkit
-from vitkit.apps.peaks.finder import PeakFinder, load_model
+from vitkit.apps.peaks.finder import PeakFinder, sparse_of_run
 from vitkit.apps.peaks.lattice import LatticeStillsDataset
-from vitkit.apps.peaks.sparse import fit_token_scorer, windows_of
-from vitkit.errors import ConfigError
+from vitkit.apps.peaks.sparse import fine_tune_sparse, fit_threshold, spot_evidence, window_masks
+from vitkit.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from vitkit.tasks.postprocess import semantic_inference, semantic_probs, sparse_semantic_inference, token_keep
 
 
 def _model(seed=0):
@@ -33,116 +37,125 @@ def shots():
     return LatticeStillsDataset(4, "epix10k2m", seed=3, panels_per_item=2)
 
 
-def test_windows_are_the_tiling_semantic_inference_runs():
-    x = torch.zeros(2, 1, 100, 130)
-    boxes = windows_of(x, (64, 64), 0.25)
-    ys, xs = sorted({y for _, y, _ in boxes}), sorted({x for _, _, x in boxes})
-    assert ys[0] == 0 and ys[-1] == 100 - 64 and xs[0] == 0 and xs[-1] == 130 - 64
-    assert len(boxes) == 2 * len(ys) * len(xs) and {b for b, _, _ in boxes} == {0, 1}
-    assert all(b - a <= 64 * 0.75 for a, b in zip(ys, ys[1:]))  # at least the asked overlap
+@pytest.mark.parametrize("shape", [(2, 1, 40, 57), (1, 1, 9, 5), (3, 1, 1, 20)])
+def test_spot_evidence_is_the_3x3_minus_the_15x15_mean_inside_the_panel(shape):
+    torch.manual_seed(0)
+    x = torch.randn(*shape) * 3
+
+    def mean(k):
+        return F.avg_pool2d(x, k, stride=1, padding=k // 2, count_include_pad=False)
+
+    torch.testing.assert_close(spot_evidence(x), mean(3) - mean(15), atol=1e-5, rtol=1e-5)
+    spot = torch.zeros(1, 1, 31, 31)
+    spot[..., 14:17, 14:17] = 9.0  # a 3 x 3 spot of 9 on a flat panel: its middle has 9 - 81 / 225
+    e = spot_evidence(spot)
+    assert e[0, 0, 15, 15].item() == pytest.approx(9.0 - 81.0 / 225)
+    assert e[0, 0, :6, :6].abs().max() < 1e-6  # out of its 15 x 15 reach: no contrast at all
 
 
-def test_fit_reaches_the_asked_recall_prunes_and_travels_with_the_model(shots, tmp_path):
-    model = _model()
-    finder = PeakFinder(model)
-    stats = fit_token_scorer(finder, shots, block=1, recall=0.99, targets="truth", steps=150)
-    assert stats["block"] == 1 and model.token_scorer_block == 1
-    assert stats["recall"] >= 0.99
-    assert 0 < stats["positive_fraction"] < 0.05  # peaks are sparse: positives are a few % of tokens at most
-    assert stats["positive_fraction"] < stats["kept_fraction"] < 0.8  # keeps the peaks and prunes the rest
-    assert model.token_threshold.item() == pytest.approx(stats["threshold"])
-    # the threshold and the scorer are saved with the model and read back by the finder's loader
-    model.save_pretrained(tmp_path / "model")
-    again = load_model(tmp_path)
-    assert again.token_scorer_block == 1 and again.token_threshold.item() == pytest.approx(stats["threshold"])
-    torch.testing.assert_close(again.token_scorer[1].weight, model.token_scorer[1].weight)
-
-    # a stricter recall never keeps fewer tokens
-    loose = fit_token_scorer(finder, shots, block=1, recall=0.9, targets="truth", steps=150)
-    assert loose["kept_fraction"] <= stats["kept_fraction"] and loose["recall"] >= 0.9
+def test_token_keep_reads_each_patch_with_a_one_pixel_border():
+    ev = torch.full((1, 1, 18, 26), float("-inf"))  # a 16 x 24 window (2 x 3 patches of 8) with its margin
+    ev[0, 0, 1:-1, 1:-1] = 0.0
+    ev[0, 0, 1 + 3, 1 + 7] = 5.0  # last column of patch (0, 0): keeps it and its right neighbour (0, 1)
+    keep = token_keep(ev, 8, 1.0)
+    assert keep.tolist() == [[[True, True, False], [False, False, False]]]
+    ev[0, 0, 0, 1 + 20] = 5.0  # in the margin above patch (0, 2): the window's surroundings count too
+    assert token_keep(ev, 8, 1.0)[0, 0, 2]
+    assert not token_keep(ev, 8, 5.0).any()  # strictly above the threshold
 
 
-def test_model_targets_are_the_dense_finders_peak_pixels(shots, monkeypatch):
-    """targets="model" (the default) takes the positive tokens from the dense finder's own peak masks, not from
-    labels: a finder whose masks are the labels gives the "truth" fit; one that finds nothing has no positives."""
-    model = _model()
-    finder = PeakFinder(model)
-    truth = fit_token_scorer(finder, shots, block=1, targets="truth", steps=50)
-    order = iter(range(len(shots)))
+def test_fit_threshold_keeps_the_asked_share_of_the_dense_finders_peak_tokens(shots, monkeypatch):
+    finder = PeakFinder(_model(), min_pixels=1)
+    order = iter(range(len(shots)))  # the "dense finder" here finds exactly the labelled peak pixels
     monkeypatch.setattr(finder, "_masks", lambda ev, g: (np.asarray(shots[next(order)]["label"]) > 0)
                         .reshape(ev.shape))
-    as_model = fit_token_scorer(finder, shots, block=1, steps=50)
-    assert as_model["positive_fraction"] == truth["positive_fraction"]
-    assert as_model["threshold"] == pytest.approx(truth["threshold"])
+    stats = fit_threshold(finder, shots, recall=0.99)
+    assert stats["recall"] >= 0.99 and 0 < stats["positive_fraction"] < 0.05
+    assert stats["positive_fraction"] < stats["kept_fraction"] < 0.5  # keeps the peaks, drops most of the rest
+    assert stats["tokens"] == len(shots) * 2 * 44 * 48
+    order = iter(range(len(shots)))
+    strict = fit_threshold(finder, shots, recall=0.999)
+    assert strict["threshold"] <= stats["threshold"] and strict["kept_fraction"] >= stats["kept_fraction"]
     monkeypatch.setattr(finder, "_masks", lambda ev, g: np.zeros(ev.shape, dtype=bool))
-    with pytest.raises(ConfigError, match="no peak tokens"):
-        fit_token_scorer(finder, shots, block=1, steps=2)
-    with pytest.raises(ConfigError, match="targets must be"):
-        fit_token_scorer(finder, shots, targets="labels")
+    with pytest.raises(ConfigError, match="finds no peak"):
+        fit_threshold(finder, shots)
+    with pytest.raises(ConfigError, match="recall must be"):
+        fit_threshold(finder, shots, recall=1.5)
     with pytest.raises(ConfigError, match="dense PeakFinder"):
-        fit_token_scorer(PeakFinder(model, sparse=True), shots)
+        fit_threshold(PeakFinder(_model(), sparse_threshold=0.0), shots)
 
 
 def test_sparse_finder_keeping_everything_is_the_dense_finder(shots):
     model = _model(seed=1)
-    model.add_token_scorer(1)
-    item = shots[0]
-    ev = np.asarray(item["image"])[:, 0] * 40.0  # two one-panel events
+    ev = np.asarray(shots[0]["image"])[:, 0] * 40.0  # two one-panel events of 352 x 384: overlapping windows
     ev[:, 100:103, 200:203] += 3000.0
     dense = PeakFinder(model, min_pixels=1)
-    sparse = PeakFinder(model, min_pixels=1, sparse=True)
-    model.token_threshold.fill_(float("-inf"))
+    everything = PeakFinder(model, min_pixels=1, sparse_threshold=float("-inf"))
     m_dense, t_dense = dense.find(ev)
-    m_sparse, t_sparse = sparse.find(ev)
+    m_sparse, t_sparse = everything.find(ev)
     assert np.array_equal(m_dense, m_sparse)
     for a, b in zip(t_dense, t_sparse):
         assert len(a) == len(b)
         np.testing.assert_allclose(a["fs"], b["fs"], atol=1e-4)
-    assert sparse.kept_tokens[0] == sparse.kept_tokens[1] > 0
+    assert everything.kept_tokens[0] == everything.kept_tokens[1] > 0
 
-    # keeping nothing: no window goes past the scorer, so nothing is found
-    model.token_threshold.fill_(float("inf"))
-    none = PeakFinder(model, sparse=True)
-    masks, tables = none.find(ev)
-    assert not masks.any() and all(len(t) == 0 for t in tables) and none.kept_tokens[0] == 0
+    nothing = PeakFinder(model, sparse_threshold=float("inf"))
+    masks, tables = nothing.find(ev)
+    assert not masks.any() and all(len(t) == 0 for t in tables) and nothing.kept_tokens[0] == 0
 
 
-def test_a_model_with_a_scorer_casts_to_bf16_and_scores_alike():
-    """`vitkit stream` with model.bf16 and `vitkit predict --bf16` cast a run's model, token scorer included (its
-    LayerNorm must take bf16 tokens): the scores and the sparse masks stay close to fp32's."""
-    from vitkit.layers.precision import cast_for_inference
-
+def test_sparse_scores_are_the_tiles_of_the_kept_tokens_and_zero_elsewhere():
     model = _model(seed=2)
-    model.add_token_scorer(1)
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 64, 64)
+    evidence = torch.zeros(1, 1, 64, 64)
+    evidence[..., 20, 30] = 4.0  # inside patch (2, 3), one pixel from nothing else: keeps that patch only
+    evidence[..., 47, 8] = 4.0  # on the border of patches (5, 0), (5, 1) and their neighbours below
+    scores, kept, total = sparse_semantic_inference(model, x, evidence, 1.0)
+    keep = token_keep(F.pad(evidence, (1, 1, 1, 1), value=float("-inf")), 8, 1.0)
+    assert (kept, total) == (int(keep.sum()), 64) and kept == 5
     with torch.no_grad():
-        model.token_scorer[1].weight.normal_()
-    x = torch.randn(3, 1, 64, 64)
-    with torch.inference_mode():
-        tokens, _, _ = model.token_features(x)
-        ref = model.token_scores(tokens)
-        model.token_threshold.fill_(float(ref.flatten().quantile(0.98)))
-        ref_masks = model.forward_sparse(x)[0][-1]
-        half = cast_for_inference(model, torch.bfloat16)
-        tokens, _, _ = half.token_features(x)
-        scores = half.token_scores(tokens)
-        masks, _, kept = half.forward_sparse(x)
-    assert tokens.dtype == torch.bfloat16 and scores.dtype == torch.float32
-    assert (scores - ref).abs().max() < 0.05 * ref.abs().max()
-    assert 0 < int(kept.sum()) < kept.numel()
-    on, ref_on = masks[-1] > -1e3, ref_masks > -1e3  # the pixels of computed tokens
-    both = on & ref_on
-    assert 0 < both.sum() >= 0.9 * max(on.sum(), ref_on.sum())
-    assert (masks[-1].float() - ref_masks)[both].abs().max() < 0.5
+        tiles, classes, where = model.forward_sparse(x, keep)
+    masks, computed = window_masks(model, tiles, where, (1, 64, 64))
+    ref = semantic_probs(masks, classes)  # one window: no averaging
+    torch.testing.assert_close(scores[:, :, computed[0]], ref[:, :, computed[0]])
+    assert not scores[:, :, ~computed[0]].any() and scores[:, :, computed[0]].sum() > 0
+    # every token kept: the dense sliding-window scores, overlaps averaged the same way
+    img = torch.randn(2, 1, 100, 130)
+    dense = semantic_inference(model, img)
+    every, kept, total = sparse_semantic_inference(model, img, torch.ones(2, 1, 100, 130), 0.0)
+    torch.testing.assert_close(every, dense, atol=1e-5, rtol=1e-4)
+    assert kept == total > 0
 
 
-def test_sparse_needs_a_scorer_and_the_fit_needs_peaks(shots):
-    with pytest.raises(ConfigError, match="fitted token scorer"):
-        PeakFinder(_model(), sparse=True)
-    finder = PeakFinder(_model())
-    with pytest.raises(ConfigError, match="recall must be"):
-        fit_token_scorer(finder, shots, recall=1.5)
-    empty = [{**shots[0], "label": np.zeros_like(shots[0]["label"])}]
-    with pytest.raises(ConfigError, match="no peak tokens"):
-        fit_token_scorer(finder, empty, block=1, targets="truth", steps=2)
-    assert finder.model.token_scorer is None and "token_scorer_block" not in finder.model.init_config
-    assert "token_threshold" not in finder.model.state_dict()  # saves as a model without a scorer
+def test_fine_tune_lowers_the_sparse_loss_and_leaves_the_model_alone(shots):
+    from vitkit.apps.peaks.datamodule import CropDataset
+
+    model = _model(seed=3)
+    crops = CropDataset(LatticeStillsDataset(8, "epix10k2m", seed=4, panels_per_item=1), (64, 64), peak_bias=1.0)
+    loader = torch.utils.data.DataLoader(crops, batch_size=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tuned, info = fine_tune_sparse(model, loader, threshold=1.0, steps=40, lr=2e-3, log_every=0)
+    assert info["steps"] == 40 and info["loss_last"] < 0.8 * info["loss_first"], info
+    assert 0 < info["kept_fraction"] < 0.6 and not tuned.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # a copy was trained
+    assert any(not torch.equal(v, tuned.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ConfigError, match="steps must be positive"):
+        fine_tune_sparse(model, loader, threshold=1.0, steps=0)
+
+
+def test_a_runs_sparse_model_and_threshold(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointNotFoundError, match="no sparse-token model"):
+        sparse_of_run(run)
+    model = _model(seed=4)
+    model.save_pretrained(run / "model")
+    model.save_pretrained(run / "sparse_model")
+    (run / "sparse.json").write_text(json.dumps({"kept_fraction": 0.1}))
+    with pytest.raises(CheckpointError, match="no numeric 'threshold'"):
+        PeakFinder.from_run(run, sparse=True)
+    (run / "sparse.json").write_text(json.dumps({"threshold": 0.75}))
+    assert sparse_of_run(run) == (run / "sparse_model", 0.75)
+    finder = PeakFinder.from_run(run, sparse=True, min_pixels=1)
+    assert finder.sparse and finder.sparse_threshold == 0.75 and finder.min_pixels == 1
+    assert not PeakFinder.from_run(run).sparse

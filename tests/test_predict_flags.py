@@ -12,7 +12,7 @@ peaks; ``--min-snr 0`` no SNR test), ``--min-peaks``
 / ``--max-peaks`` (per-event filters, brightest kept), ``--overlap`` (windows run through the model),
 ``--geometry`` (panels, slab and lab coordinates, detector.geom written), ``--mask`` / ``--mask-key`` /
 ``--mask-good`` / ``--mask-bad`` (no peak on a bad pixel, CrystFEL's bit rules vs psana's non-zero = good),
-``--dials`` (refused without a geometry), ``--sparse`` (the fitted token scorer's path), ``--bf16`` (the masks
+``--dials`` (refused without a geometry), ``--sparse`` (the run's sparse-token model), ``--bf16`` (the masks
 come from a bfloat16 model; the library's peaks with that model). `vitkit predict` has no device or batch-size flag.
 """
 
@@ -307,16 +307,18 @@ def test_mask_good_and_mask_bad_bits(learned_run, data, tmp_path, capsys):
     assert not _in(panel1_left, found[("--mask-bad", "0x5")]).any()
 
 
-def test_sparse_runs_the_fitted_token_scorer_path(learned_run, data, tmp_path, capsys):
-    """`vitkit train` fitted the run's token scorer (sparse.json); --sparse predicts through it: the library's
-    sparse finder's peaks, most of the dense peaks, fewer tokens than the dense path."""
+def test_sparse_predicts_with_the_runs_sparse_model(learned_run, data, tmp_path, capsys):
+    """`vitkit train` fitted the run's sparse threshold (sparse.json) and fine-tuned its sparse model
+    (sparse_model/); --sparse predicts with both: the library's sparse finder's peaks, most of the dense peaks, from
+    a fraction of the tokens."""
     import json
 
     from vitkit.apps.peaks.finder import PeakFinder
     from vitkit.apps.peaks.metrics import match_peaks
 
     stats = json.loads((learned_run / "sparse.json").read_text())
-    assert stats["recall"] >= 0.99 and 0 < stats["kept_fraction"] < 1
+    assert stats["recall"] >= 0.99 and 0 < stats["kept_fraction"] < 1 and stats["fine_tune"]["steps"] == 40
+    assert (learned_run / "sparse_model" / "model.safetensors").exists()
     frames = str(data["dir"] / "frames.npy")
     predict(capsys, learned_run, frames, "--out", str(tmp_path / "d"), "--overlays", "0")
     predict(capsys, learned_run, frames, "--out", str(tmp_path / "s"), "--overlays", "0", "--sparse")

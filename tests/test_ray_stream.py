@@ -25,7 +25,8 @@ from vitkit.errors import ConfigError, InputError
 TRAIN = ["data=synthetic", "trainer.max_steps=16", "module.lr=1e-2", "module.warmup_steps=2", "model.embed_dim=32",
          "model.depth=2", "model.num_q=4", "data.num_train=64", "data.num_val=2", "data.num_test=0",
          "data.frame_shape=[64,64]", "trainer.val_check_interval=16", "predict.overlays=0",
-         "model.upscale_dims=null"]  # 32 channels all the way: 16 steps of the default taper (64/32/16) find nothing
+         "model.upscale_dims=null",  # 32 channels all the way: 16 steps of the default taper (64/32/16) find nothing
+         "sparse.steps=4"]
 N, SHAPE, SEED = 64, (64, 96), 7  # 96 wide: two overlapping 64 x 64 windows per frame
 # 2 Ray CPUs: two actors at 0.5 + two peak tasks at 0.5
 RES = ["model.num_cpus=0.5", "peaks.num_cpus=0.5", "peaks.workers=2", "report_every_s=0"]
@@ -374,22 +375,15 @@ def test_actor_finder_is_predicts_finder_and_bf16_stays_close(model_run, tmp_pat
     assert bf16.model.encoder.blocks[0].attn.qkv.weight.dtype == torch.bfloat16  # cast once, not autocast
     m16 = bf16.masks(frames)
     assert (m16 & ref_masks).sum() / (m16 | ref_masks).sum() > 0.8  # IoU with the fp32 masks
-    # model.sparse: the template carries the flag, the actor's copy runs the model's fitted token scorer
-    from vitkit.apps.peaks.sparse import fit_token_scorer
+    # model.sparse: the template carries the run's sparse threshold, the actor loads the run's sparse model
+    from vitkit.apps.peaks.finder import sparse_of_run
 
     assert stream_cfg(model_run, "o", "model.sparse=true").model.sparse is True
-    scored = load_model(model_run)
-    fit_token_scorer(PeakFinder(scored), SyntheticPeakDataset(4, SynthConfig(shape=SHAPE), seed=SEED + 1), block=0,
-                     targets="truth", steps=50)
-    scored.save_pretrained(tmp_path / "scored")
-    sparse_template = PeakFinder(None, sparse=True)
-    sp = actor_finder(sparse_template, tmp_path / "scored")
-    assert np.array_equal(sp.masks(frames), PeakFinder(scored, sparse=True).masks(frames))
+    model_dir, threshold = sparse_of_run(model_run)
+    sparse_template = PeakFinder(None, sparse_threshold=threshold)
+    sp = actor_finder(sparse_template, model_dir)
+    assert np.array_equal(sp.masks(frames), PeakFinder.from_run(model_run, sparse=True).masks(frames))
     assert 0 < sp.kept_tokens[0] < sp.kept_tokens[1] and sparse_template.kept_tokens == [0, 0]
-    no_scorer = load_model(model_run)
-    no_scorer.remove_token_scorer()
-    with pytest.raises(ConfigError, match="fitted token scorer"):
-        sparse_template.with_model(no_scorer)
 
 
 def test_missing_inputs_and_resources_fail_before_any_actor_starts(model_run, ray_local, tmp_path):

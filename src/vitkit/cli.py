@@ -115,13 +115,12 @@ def _finder(args: argparse.Namespace):
         kw["threshold"] = args.threshold
     if args.min_snr is not None:
         kw["min_snr"] = args.min_snr if args.min_snr > 0 else None
-    if args.sparse:
-        kw["sparse"] = True
     if args.command == "predict":
         kw.update(min_peaks=args.min_peaks, max_peaks=args.max_peaks)
         if args.min_pixels is not None:
             kw["min_pixels"] = args.min_pixels
-    finder = PeakFinder.from_run(args.checkpoint, geometry=args.geometry, bf16=args.bf16, **kw)
+    finder = PeakFinder.from_run(args.checkpoint, geometry=args.geometry, bf16=args.bf16, sparse=args.sparse,
+                                  **kw)
     if args.mask:
         if finder.detector is None:
             from vitkit.errors import InputError
@@ -305,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--min-snr", type=float, help="smallest photometric SNR of a peak against its local "
                                                      "background and along lines through it (default 5.5; 0: "
                                                      "no test)")
-        p.add_argument("--sparse", action="store_true", help="sparse-token inference: only patch tokens the run's "
-                       "fitted scorer keeps go through the whole model (EoMT.forward_sparse)")
+        p.add_argument("--sparse", action="store_true", help="sparse-token inference: only patch tokens with a bright "
+                       "spot go through the model, the run's sparse-token model (sparse_model/, sparse.json)")
         p.add_argument("--bf16", action="store_true", help="model weights in bfloat16, cast once (as vitkit stream's "
                        "model.bf16): faster on CPUs with AVX512-BF16 or AMX and on GPUs, slower on CPUs without; "
                        "masks differ slightly from fp32")

@@ -24,11 +24,15 @@ from vitkit.backbones.factory import create_dinov2_encoder, legacy_dinov2_config
 from vitkit.backbones.resolve import resolve_backbone
 from vitkit.backbones.vit import VisionTransformer
 from vitkit.errors import ConfigError
-from vitkit.kernels import bmm
-from vitkit.layers.norm import LayerNorm, LayerNorm2d
+from vitkit.kernels import bmm, fusable_activation, linear
+from vitkit.layers.norm import LayerNorm2d
 from vitkit.weights.eomt import eomt_configs, load_eomt_weights
 from vitkit.weights.export import write_model_dir
 from vitkit.weights.io import find_weights_file, read_json
+
+# sparse-token decoding runs this many tiles at a time: enough to spread the per-call work, few enough that a stage's
+# maps stay in cache (a 2-core EPYC: 7.5 us per tile at 2450 tiles, 10.4 at 4977)
+TILE_CHUNK = 2048
 
 
 class ScaleBlock(nn.Module):
@@ -98,9 +102,6 @@ class EoMT(nn.Module):
         mask_stride: output mask resolution as input / mask_stride (1 = full resolution); None keeps the
             official rule (1/4 for patch 16, 1/7 for patch 14).
         masked_attn_enabled: False never computes intermediate masks (pure inference model).
-        token_scorer_block: give the model a per-token scorer read after this many blocks, for sparse-token
-            inference (:meth:`forward_sparse`); its weights and threshold are fitted after training
-            (:func:`vitkit.apps.peaks.sparse.fit_token_scorer`). None: no scorer (dense inference only).
         upscale_dims: channels after each ScaleBlock (one per block), e.g. ``[64, 32, 16]`` for patch 8 at
             full resolution: a tapered upscaler like a U-Net decoder's, whose full-resolution levels cost a
             fraction of the official one's (the mask head then embeds queries in the last width). None: the
@@ -118,8 +119,12 @@ class EoMT(nn.Module):
                  mask_stride: int | None = None, masked_attn_enabled: bool = True,
                  pretrained: bool | str | Path = False, pixel_mean: list[float] | None = None,
                  pixel_std: list[float] | None = None, upscale_dims: list[int] | None = None,
-                 token_scorer_block: int | None = None, **backbone_config: Any):
+                 **backbone_config: Any):
         super().__init__()
+        if backbone_config.pop("token_scorer_block", None) is not None:  # runs saved before the pixel scorer
+            warnings.warn("EoMT(token_scorer_block=...) is ignored: sparse-token inference now takes the kept tokens "
+                          "from the caller (EoMT.forward_sparse(x, keep)); the learned scorer's weights are not loaded",
+                          DeprecationWarning, stacklevel=2)
         if "encoder_name" in backbone_config:  # PeakNet EoMT's old spelling: the same model as the explicit one
             name = backbone_config.pop("encoder_name")
             if backbone is not None:
@@ -180,27 +185,7 @@ class EoMT(nn.Module):
                                 masked_attn_enabled=masked_attn_enabled, pixel_mean=pixel_mean, pixel_std=pixel_std)
         if upscale_dims is not None:  # official models' config.json stays as it was
             self.init_config["upscale_dims"] = upscale_dims
-        self.token_scorer = None
-        self.sparse_group = 8  # forward_sparse runs this many windows (of similar kept counts) together
-        if token_scorer_block is not None:
-            self.add_token_scorer(token_scorer_block)
-
-    def add_token_scorer(self, block: int) -> None:
-        """Give the model a (new, untrained) per-patch-token scorer read after ``block`` blocks, before the
-        queries join, and a sparse-token threshold (logit; saved with the weights). :meth:`forward_sparse`
-        keeps the tokens scored above it."""
-        first = len(self.encoder.blocks) - self.num_blocks
-        if not 0 <= int(block) <= first:
-            raise ConfigError(f"token_scorer_block={block} must be between 0 (the patch embeddings) and {first} "
-                              f"(the blocks before the queries join)")
-        D = self.encoder.embed_dim
-        dev, dt = self.q.weight.device, self.q.weight.dtype
-        # vitkit's LayerNorm: it takes the bf16 tokens of a model cast for inference (cast_for_inference)
-        self.token_scorer = nn.Sequential(LayerNorm(D, elementwise_affine=False),
-                                          nn.Linear(D, 1, device=dev, dtype=dt))
-        self.register_buffer("token_threshold", torch.zeros((), device=dev, dtype=torch.float32))
-        self.token_scorer_block = int(block)
-        self.init_config["token_scorer_block"] = int(block)
+        self.sparse_group = 64  # forward_sparse runs this many windows (of similar kept counts) together
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute backbone blocks and the upscaler in the backward pass (less training memory)."""
@@ -290,97 +275,157 @@ class EoMT(nn.Module):
         classes_per_layer.append(class_logits)
         return masks_per_layer, classes_per_layer
 
-    def remove_token_scorer(self) -> None:
-        """Drop the token scorer and its threshold (the model saves as one built without them)."""
-        self.token_scorer = None
-        self._buffers.pop("token_threshold", None)
-        self.init_config.pop("token_scorer_block", None)
+    def forward_sparse(self, x: torch.Tensor, keep: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sparse-token EoMT: only the patch tokens ``keep`` (bool ``[B, gh, gw]``) of each image go through the
+        blocks and the mask decoder; the others are never computed.
 
-    def token_features(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], Any]:
-        """Tokens ``[B, prefix + HW, D]`` after the scorer's first ``token_scorer_block`` blocks, the patch grid
-        and the RoPE tables (what :meth:`forward_sparse` continues from, and what the scorer is fitted on)."""
-        if self.token_scorer is None:
-            raise ConfigError("this EoMT has no token scorer: build it with token_scorer_block=k (or call "
-                              "add_token_scorer(k)) and fit it (vitkit.apps.peaks.sparse.fit_token_scorer)")
-        enc = self.encoder
-        if self.pixel_mean is not None:
-            enc.check_input(x)
-            x = (x - self.pixel_mean) / self.pixel_std
-        tokens, grid = enc.prepare_tokens(x)
-        rope = enc.rope(grid)
-        for i in range(self.token_scorer_block):
-            tokens = enc.run_block(i, tokens, grid, rope)
-        return tokens, grid, rope
+        Each image's kept tokens, its prefix tokens and (in the last ``num_blocks`` blocks) the queries attend
+        among themselves, exactly as a dense image of those tokens would (positions keep their embeddings; images
+        run in groups of ``sparse_group`` of similar kept counts, shorter ones padded with keys masked out). The
+        upscaler then runs on the kept tokens' tiles only (:meth:`upscale_tiles`: the dense upscaler with the
+        tokens not computed taken as zero features, up to a pixel where computed and other tokens meet), and each
+        tile's mask logits come from its own image's queries. So the cost follows the number of kept tokens; with
+        every token kept the masks are the dense model's. With few kept tokens a densely trained model loses the
+        context it was trained with: a model fine-tuned through this path
+        (:func:`vitkit.apps.peaks.sparse.fine_tune_sparse`) is what it is for. Images with no kept token are not
+        computed at all (in training they still run their prefix and queries, so their class loss counts).
+        Needs masked attention annealed away (attn_mask_probs all 0), as after training.
 
-    def token_scores(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Scorer logits ``[B, HW]`` of the patch tokens in ``tokens`` (from :meth:`token_features`)."""
-        return self.token_scorer(tokens[:, self.encoder.num_prefix_tokens:]).squeeze(-1).float()
-
-    def forward_sparse(self, x: torch.Tensor, threshold: float | None = None, keep: torch.Tensor | None = None
-                       ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        """Sparse-token inference: the blocks after ``token_scorer_block`` and the mask decoder run only on patch
-        tokens scored above ``threshold`` (default: the fitted ``token_threshold``) and their 8 neighbours, or on
-        the tokens ``keep`` (bool ``[B, gh, gw]``) when given.
-
-        Images none of whose tokens is kept skip the rest of the model. The others go on in groups of
-        ``sparse_group`` images of similar kept counts, as ``[queries | prefix | K patches]`` with K the group's
-        largest count: an image with fewer kept tokens fills its K with its next-best scored tokens (real tokens,
-        so no attention mask and no padding; it only sees more of its context). The computed tokens are scattered
-        back onto the patch grid (the others zero) for the upscaler; pixels of tokens not computed get mask logits
-        of -1e4 for every query, i.e. no class at all (:func:`~vitkit.tasks.postprocess.semantic_probs` gives 0).
-        Needs masked attention annealed away (an inference model). Returns ``([mask_logits], [class_logits],
-        computed)`` with ``computed`` bool ``[B, gh, gw]``: the tokens that went through the whole model.
+        Returns ``(tiles, class_logits, where)``: mask logits ``[T, Q, s, s]`` of the ``T`` kept tokens (``s`` =
+        ``tile_size``), class logits ``[B, Q, num_classes + 1]`` (zeros for images with no kept token) and
+        ``where`` ``[T, 3]`` (image, patch row, patch column) of each tile, images in order.
         """
-        if self.training:
-            raise ConfigError("forward_sparse is inference only (call .eval())")
         if self.masked_attn_enabled and bool((self.attn_mask_probs > 0).any()):
             raise ConfigError("forward_sparse needs masked attention annealed away (attn_mask_probs all 0), as "
                               "after training")
         enc = self.encoder
-        tokens, grid, rope = self.token_features(x)
-        B, N, D = tokens.shape
-        P, Q, HW = enc.num_prefix_tokens, self.num_q, grid[0] * grid[1]
-        scores = self.token_scores(tokens)
-        if keep is None:
-            thr = float(self.token_threshold) if threshold is None else float(threshold)
-            keep = F.max_pool2d((scores > thr).view(B, 1, *grid).float(), 3, stride=1, padding=1)[:, 0] > 0
-        elif tuple(keep.shape) != (B, *grid):
+        if self.pixel_mean is not None:
+            enc.check_input(x)
+            x = (x - self.pixel_mean) / self.pixel_std
+        B = x.shape[0]
+        keep = keep.to(device=x.device, dtype=torch.bool)
+        counts = keep.flatten(1).sum(1)
+        live = torch.arange(B, device=x.device) if self.training else torch.nonzero(counts > 0).flatten()
+        live = live[torch.argsort(counts[live], stable=True)]  # groups of similar counts: little padding
+        tokens, grid = enc.prepare_tokens(x[live])
+        if tuple(keep.shape) != (B, *grid):
             raise ConfigError(f"forward_sparse: keep has shape {tuple(keep.shape)}, expected {(B, *grid)} (images, "
                               f"patch rows, patch columns)")
-        keep = keep.to(torch.bool).flatten(1).clone()
-        counts = keep.sum(1)
-        live = torch.nonzero(counts > 0).flatten()
-        out_size = self.mask_size(x.shape[-2], x.shape[-1])
-        masks = tokens.new_full((B, Q, *out_size), -1e4)
+        D = tokens.shape[-1]
+        rope = enc.rope(grid)
+        P, Q, first = enc.num_prefix_tokens, self.num_q, len(enc.blocks) - self.num_blocks
+        keep, counts = keep[live].flatten(1), counts[live]
         classes = tokens.new_zeros(B, Q, self.num_classes + 1)
-        if len(live) == 0:
-            return [masks], [classes], keep.view(B, *grid)
-        first = len(enc.blocks) - self.num_blocks
-        # images in order of kept-token count, in groups: one crowded image does not make every image of the
-        # batch compute its token count
-        live = live[torch.argsort(counts[live], stable=True)]
-        for group in live.split(self.sparse_group):
+        embeds = tokens.new_zeros(B, Q, self.mask_head[-1].out_features)
+        feats, image, pos = [], [], []
+        for start in range(0, len(live), self.sparse_group):
+            group = torch.arange(start, min(start + self.sparse_group, len(live)), device=x.device)
             n, K = len(group), int(counts[group].max())
-            # the kept tokens first, then the best-scored others
-            order = torch.topk(scores[group].masked_fill(keep[group], float("inf")), K, dim=1).indices
-            keep[group] = keep[group].scatter(1, order, True)
+            # each image's kept tokens first (in grid order), then padding (other tokens, masked as keys)
+            order = torch.argsort((~keep[group]).to(torch.uint8), dim=1, stable=True)[:, :K]
+            valid = torch.arange(K, device=x.device)[None] < counts[group][:, None]
             sub = torch.cat([tokens[group, :P], tokens[group, P:].gather(1, order[..., None].expand(-1, -1, D))], 1)
             sub_rope = None if rope is None else tuple(t[order][:, None] for t in rope)  # [n, 1, K, d] per image
-            for i in range(self.token_scorer_block, len(enc.blocks)):
+            padded = not bool(valid.all())
+            for i in range(len(enc.blocks)):
                 if i == first:
                     sub = torch.cat([self.q.weight[None].expand(n, -1, -1).to(sub.dtype), sub], 1)
-                sub = enc.run_block(i, sub, grid, sub_rope)
+                mask = None
+                if padded:  # [n, 1, L, L]: every token may attend to the real ones only
+                    keys = torch.cat([valid.new_ones(n, sub.shape[1] - K), valid], 1)
+                    mask = keys[:, None, None, :].expand(n, 1, sub.shape[1], sub.shape[1])
+                sub = enc.run_block(i, sub, grid, sub_rope, mask)
             sub = enc.norm(sub)
             q = sub[:, :Q]
-            feats = sub.new_zeros(n, HW, D).scatter_(1, order[..., None].expand(-1, -1, D), sub[:, Q + P:])
-            logits = mask_products(self.mask_head(q), self.upscale(feats.transpose(1, 2).reshape(n, D, *grid)))
-            if tuple(logits.shape[-2:]) != tuple(out_size):
-                logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
-            px = F.interpolate(keep[group].view(n, 1, *grid).float(), size=out_size, mode="nearest")[:, 0] > 0
-            masks[group] = logits.masked_fill(~px[:, None], -1e4).to(masks.dtype)
-            classes[group] = self.class_head(q).to(classes.dtype)
-        keep = keep.view(B, *grid)
-        return [masks], [classes], keep
+            classes = classes.index_copy(0, live[group], self.class_head(q).to(classes.dtype))
+            embeds = embeds.index_copy(0, live[group], self.mask_head(q).to(embeds.dtype))
+            feats.append(sub[:, Q + P:][valid])
+            image.append(live[group][:, None].expand(-1, K)[valid])
+            pos.append(order[valid])
+        s = self.tile_size
+        if sum(len(f) for f in feats) == 0:
+            return tokens.new_zeros(0, Q, s, s), classes, torch.zeros(0, 3, dtype=torch.long, device=x.device)
+        image, pos = torch.cat(image), torch.cat(pos)
+        by_image = torch.argsort(image * (grid[0] * grid[1]) + pos)  # tiles in image, then grid order
+        image, pos = image[by_image], pos[by_image]
+        feats = torch.cat(feats)[by_image]
+        # decoded in chunks of whole images (a tile's halo comes from its image's tiles) of about TILE_CHUNK tiles
+        per = torch.bincount(image, minlength=B).tolist()
+        bounds, start = [0], 0
+        for count in per:
+            if count and start - bounds[-1] >= TILE_CHUNK:
+                bounds.append(start)
+            start += count
+        bounds.append(start)
+        up = torch.cat([self.upscale_tiles(feats[a:b], image[a:b], pos[a:b], B, grid)
+                        for a, b in zip(bounds[:-1], bounds[1:])])  # [t, s, s, C]
+        logits = torch.matmul(up.flatten(1, 2), embeds[image].transpose(1, 2))  # [t, s * s, Q]
+        where = torch.stack([image, pos // grid[1], pos % grid[1]], 1)
+        return logits.transpose(1, 2).unflatten(-1, (s, s)), classes, where
+
+    def upscale_tiles(self, feats: torch.Tensor, image: torch.Tensor, pos: torch.Tensor, n: int,
+                      grid: tuple[int, int]) -> torch.Tensor:
+        """The upscaler on the tiles of some patch tokens only: ``feats`` ``[t, D]`` of tokens at flat grid
+        positions ``pos`` of images ``image`` (of ``n``) -> ``[t, s, s, C]`` (channels last).
+
+        Every ScaleBlock runs on the tiles alone (its transposed convolution, GELU and LayerNorm2d are per tile)
+        except the 3 x 3 convolution, whose 1-pixel halo comes from the neighbouring tiles: a computed neighbour's
+        own values, zeros outside the grid (as the dense convolution's padding), and for a token not computed the
+        values a token with zero features has amid such tokens (:meth:`empty_tiles`). With every token computed
+        this is the dense upscaler exactly; otherwise it is the dense upscaler on the grid with the tokens not
+        computed taken as zero features, except within a pixel of where computed and other tokens meet."""
+        gh, gw = grid
+        t = len(pos)
+        lookup = torch.full((n, gh + 2, gw + 2), -2, dtype=torch.long, device=feats.device)  # -2: outside
+        lookup[:, 1:-1, 1:-1] = -1  # -1: not computed
+        r, c = pos // gw + 1, pos % gw + 1
+        lookup[image, r, c] = torch.arange(t, device=feats.device)
+        nb = {(dy, dx): lookup[image, r + dy, c + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx}
+        nb = {k: torch.where(v < 0, t - 1 - v, v) for k, v in nb.items()}  # -1 -> t (empty), -2 -> t + 1 (zeros)
+        y = feats[:, None, None, :]  # channels last throughout: [t, h, h, C]
+        for blk, empty in zip(self.upscale, self.empty_tiles()):
+            w = blk.conv1.weight  # [C_in, C_out, 2, 2]: each input pixel -> a 2 x 2 block of outputs
+            h, C = y.shape[1], w.shape[1]
+            act = fusable_activation(blk.act)
+            y = linear(y, w.permute(2, 3, 1, 0).reshape(4 * C, -1), blk.conv1.bias.repeat(4), act)
+            if act is None:
+                y = blk.act(y)
+            # the tiles with a 1-pixel halo, and two more: a token not computed (t) and zeros (t + 1)
+            pad = y.new_empty(t + 2, 2 * h + 2, 2 * h + 2, C)
+            pad[t + 1] = 0
+            pad[:t, 1:-1, 1:-1].unflatten(1, (h, 2)).unflatten(3, (h, 2)).copy_(
+                y.view(t, h, h, 2, 2, C).permute(0, 1, 3, 2, 4, 5))
+            pad[t, 1:-1, 1:-1] = empty.permute(1, 2, 0)
+            h = 2 * h
+            pad[:t, 0, 1:-1] = pad[nb[-1, 0], h, 1:-1]  # the last row of the tile above
+            pad[:t, -1, 1:-1] = pad[nb[1, 0], 1, 1:-1]
+            pad[:t, 1:-1, 0] = pad[nb[0, -1], 1:-1, h]
+            pad[:t, 1:-1, -1] = pad[nb[0, 1], 1:-1, 1]
+            pad[:t, 0, 0] = pad[nb[-1, -1], h, h]
+            pad[:t, 0, -1] = pad[nb[-1, 1], h, 1]
+            pad[:t, -1, 0] = pad[nb[1, -1], 1, h]
+            pad[:t, -1, -1] = pad[nb[1, 1], 1, 1]
+            y = F.conv2d(pad[:t].permute(0, 3, 1, 2), blk.conv2.weight, blk.conv2.bias, groups=C).permute(0, 2, 3, 1)
+            y = F.layer_norm(y, (C,), blk.norm.weight, blk.norm.bias, blk.norm.eps)
+        return y
+
+    def empty_tiles(self) -> list[torch.Tensor]:
+        """Per ScaleBlock, the tile ``[C, s, s]`` before its 3 x 3 convolution of a token with zero features amid
+        such tokens (from the dense upscaler on a 3 x 3 grid of zeros: the middle token's tile)."""
+        y = self.q.weight.new_zeros(1, self.encoder.embed_dim, 3, 3)
+        out = []
+        for blk in self.upscale:
+            y = blk.act(blk.conv1(y))
+            s = y.shape[-1] // 3
+            out.append(y[0, :, s:2 * s, s:2 * s])
+            y = blk.norm(blk.conv2(y))
+        return out
+
+    @property
+    def tile_size(self) -> int:
+        """Side of a patch token's mask tile after the upscaler (``patch_size`` at full resolution)."""
+        return 2 ** len(self.upscale)
 
     # ----------------------------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | Path) -> Path:

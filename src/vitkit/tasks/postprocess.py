@@ -71,6 +71,64 @@ def semantic_inference(model, images: torch.Tensor, window: tuple[int, int] | No
     return out[..., :H, :W]
 
 
+def token_keep(evidence: torch.Tensor, patch: int, threshold: float) -> torch.Tensor:
+    """Patch tokens ``[n, gh, gw]`` to keep for :meth:`vitkit.EoMT.forward_sparse`: those whose patch, with a
+    1-pixel border, holds evidence above ``threshold``. ``evidence`` ``[n, 1, h + 2, w + 2]`` is a per-pixel map
+    of windows ``h x w`` (e.g. :func:`vitkit.apps.peaks.sparse.spot_evidence`) with a 1-pixel margin of their
+    surroundings (``-inf`` where there are none)."""
+    h, w = evidence.shape[-2] - 2, evidence.shape[-1] - 2
+    gh, gw = -(-h // patch), -(-w // patch)
+    e = F.pad(evidence, (0, gw * patch - w, 0, gh * patch - h), value=float("-inf"))
+    return F.max_pool2d(e, patch + 2, stride=patch)[:, 0] > threshold
+
+
+@torch.no_grad()
+def sparse_semantic_inference(model, images: torch.Tensor, evidence: torch.Tensor, threshold: float,
+                              window: tuple[int, int] | None = None, overlap: float = 0.25, batch_size: int = 1024
+                              ) -> tuple[torch.Tensor, int, int]:
+    """:func:`semantic_inference` through EoMT's sparse-token path (:meth:`vitkit.EoMT.forward_sparse`).
+
+    In every window only the patch tokens :func:`token_keep` keeps (``evidence`` ``[B, 1, H, W]``, a per-pixel map
+    of ``images``, above ``threshold``) are computed; each kept token's tile of class scores is added where it
+    lies and pixels are averaged over the windows that computed them. Pixels of no kept token score 0 for every
+    class. Returns ``(scores [B, C, H, W], kept tokens, all tokens)``.
+    """
+    if images.ndim != 4 or evidence.shape != (images.shape[0], 1, *images.shape[-2:]):
+        raise InputError(f"expected images [B, C, H, W] and evidence [B, 1, H, W], got shapes "
+                         f"{tuple(images.shape)} and {tuple(evidence.shape)}")
+    B, _, H, W = images.shape
+    wh, ww = window or tuple(model.img_size)
+    p = model.encoder.patch_size
+    if wh % p or ww % p:
+        raise InputError(f"sparse inference needs windows of whole patches: window {wh}x{ww}, patch {p}")
+    ph, pw = max(0, wh - H), max(0, ww - W)
+    images = F.pad(images, (0, pw, 0, ph))
+    evidence = F.pad(evidence, (1, 1 + pw, 1, 1 + ph), value=float("-inf"))  # and a 1-pixel margin around
+    Hp, Wp = images.shape[-2:]
+    boxes = windows_of(images, (wh, ww), overlap)
+    out, count = None, images.new_zeros(B * Hp * Wp)
+    offsets = (torch.arange(p, device=images.device)[:, None] * Wp + torch.arange(p, device=images.device)).flatten()
+    kept = total = 0
+    for s in range(0, len(boxes), batch_size):
+        chunk = torch.tensor(boxes[s:s + batch_size], device=images.device)
+        win = torch.stack([images[b, :, y:y + wh, x:x + ww] for b, y, x in boxes[s:s + batch_size]])
+        ev = torch.stack([evidence[b, :, y:y + wh + 2, x:x + ww + 2] for b, y, x in boxes[s:s + batch_size]])
+        keep = token_keep(ev, p, threshold)
+        kept, total = kept + int(keep.sum()), total + keep.numel()
+        tiles, classes, where = model.forward_sparse(win, keep)
+        probs = semantic_probs(tiles, classes[where[:, 0]]).float()
+        if probs.shape[-1] != p:
+            probs = F.interpolate(probs, size=(p, p), mode="bilinear", align_corners=False)
+        if out is None:
+            out = images.new_zeros(B * Hp * Wp, probs.shape[1], dtype=torch.float32)
+        b, y, x = chunk[where[:, 0]].unbind(1)
+        idx = (((b * Hp + y + where[:, 1] * p) * Wp + x + where[:, 2] * p)[:, None] + offsets).flatten()
+        out.index_add_(0, idx, probs.permute(0, 2, 3, 1).reshape(-1, probs.shape[1]))
+        count.index_add_(0, idx, count.new_ones(len(idx)))
+    out = (out / count.clamp(min=1)[:, None]).view(B, Hp, Wp, -1).permute(0, 3, 1, 2)
+    return out[..., :H, :W], kept, total
+
+
 def instance_predictions(mask_logits: torch.Tensor, class_logits: torch.Tensor, top_k: int = 100
                          ) -> list[dict[str, torch.Tensor]]:
     """Official EoMT instance output: top-k over (query x class) probabilities, no-object excluded.

@@ -25,8 +25,9 @@ HEAD_RENAMES = (
     (r"^upscale_block\.block\.(\d+)\.layernorm2d\.", r"upscale.\1.norm."),
     (r"^upscale_block\.block\.(\d+)\.", r"upscale.\1."),
 )
-HEAD_KEYS = r"^(q\.|class_head\.|mask_head\.|upscale\.|token_scorer\.|attn_mask_probs$|token_threshold$)"
-HEAD_DROPS = ((r"^criterion\.", "loss buffers"),)
+HEAD_KEYS = r"^(q\.|class_head\.|mask_head\.|upscale\.|attn_mask_probs$)"
+HEAD_DROPS = ((r"^criterion\.", "loss buffers"),
+              (r"^(token_scorer\.|token_threshold$)", "the learned token scorer of runs before the pixel evidence"))
 # input normalisation buffers (official tue-mps checkpoints: network.encoder.pixel_mean/pixel_std, [1, C, 1, 1]);
 # not weights: they are checked against, or adopted by, the model's pixel_mean/pixel_std (see _normalisation)
 NORM_KEY = r"(^|\.)pixel_(mean|std)$"

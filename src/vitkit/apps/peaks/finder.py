@@ -35,6 +35,7 @@ import torch
 from vitkit.apps.peaks.detector import Detector, DetectorShapeError, load_detector
 from vitkit.apps.peaks.peakfind import LONE_PIXEL_RATIO, PEAK_DTYPE, SNR_RADIUS, empty_peaks, measure_components
 from vitkit.errors import CheckpointError, CheckpointNotFoundError, ConfigError, InputError
+from vitkit.weights.io import read_json
 
 __all__ = ["PEAK_DTYPE", "PeakFinder", "empty_peaks", "load_model", "read_mask", "bad_region_mask",
            "EventSource", "event_peaks", "event_good", "run_geometry", "MERGE_RADIUS"]
@@ -87,6 +88,20 @@ def _load_model(checkpoint: str | Path):
     sd = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(sd, strict=True)
     return model.eval()
+
+
+def sparse_of_run(run: str | Path) -> tuple[Path, float]:
+    """``(model directory, threshold)`` of a run's sparse-token finder: ``sparse_model/`` and ``sparse.json``, which
+    ``vitkit train`` writes (:mod:`vitkit.apps.peaks.sparse`)."""
+    path = Path(run)
+    model_dir, stats = path / "sparse_model", path / "sparse.json"
+    if not (model_dir / "config.json").exists() or not stats.exists():
+        raise CheckpointNotFoundError(f"{run} has no sparse-token model ({model_dir.name}/ and {stats.name}): sparse "
+                                      f"inference needs a run directory of `vitkit train` with sparse.fit on")
+    threshold = read_json(stats).get("threshold")
+    if not isinstance(threshold, (int, float)):
+        raise CheckpointError(f"{stats} has no numeric 'threshold' (found {threshold!r}); re-run vitkit train")
+    return model_dir, float(threshold)
 
 
 def run_geometry(checkpoint: str | Path) -> Path | None:
@@ -386,9 +401,10 @@ class PeakFinder:
         lone_pixel_ratio: pixels bright on their own (unmasked hot pixels, zingers;
             :func:`~vitkit.apps.peaks.peakfind.lone_pixels`) are bad pixels of the event; None: no such check.
             Training applies the same rule (the data module), so the model never sees them.
-        sparse: run EoMT's sparse-token path (:meth:`vitkit.EoMT.forward_sparse`: after the model's fitted token
-            scorer, only tokens that may hold a peak go on through the rest of the model); the model needs a
-            fitted scorer (:func:`vitkit.apps.peaks.sparse.fit_token_scorer`, done by ``vitkit train``).
+        sparse_threshold: sparse-token inference (:func:`~vitkit.tasks.postprocess.sparse_semantic_inference`):
+            only patch tokens whose :func:`~vitkit.apps.peaks.sparse.spot_evidence` exceeds this go through the
+            model (EoMT's :meth:`~vitkit.EoMT.forward_sparse`); for a model fine-tuned for it and the threshold
+            fitted with it (``vitkit train`` writes both: :meth:`from_run` with ``sparse=True``). None: dense.
             ``kept_tokens`` counts ``[kept, all]`` patch tokens over the finder's life.
 
     Non-finite pixels (NaN, inf) of an event are bad pixels of that event, like masked ones: excluded from the
@@ -409,12 +425,10 @@ class PeakFinder:
     def __init__(self, model, detector=None, good=None, device: str | torch.device = "cpu", overlap: float = 0.25,
                  batch_size: int = 32, min_pixels: int = 1, min_peaks: int = 0, max_peaks: int | None = 2048,
                  merge_radius: float = MERGE_RADIUS, threshold: float = 0.6, hysteresis: float | None = 0.25,
-                 lone_pixel_ratio: float | None = LONE_PIXEL_RATIO, sparse: bool = False,
+                 lone_pixel_ratio: float | None = LONE_PIXEL_RATIO, sparse_threshold: float | None = None,
                  min_snr: float | None = 5.5):
         _check_model(model)
-        self.sparse, self.kept_tokens = bool(sparse), [0, 0]
-        if model is not None:
-            self._check_sparse(model)
+        self.sparse_threshold, self.kept_tokens = sparse_threshold, [0, 0]
         self.model = None if model is None else model.eval().to(device)
         self.device = torch.device(device)
         self.detector = None if detector is None else load_detector(detector)
@@ -439,26 +453,28 @@ class PeakFinder:
         import copy
 
         _check_model(model)
-        if model is not None:
-            self._check_sparse(model)
         out = copy.copy(self)
         out.kept_tokens = [0, 0]
         out.device = torch.device(device) if device is not None else self.device
         out.model = None if model is None else model.eval().to(out.device)
         return out
 
-    def _check_sparse(self, model) -> None:
-        if self.sparse and getattr(model, "token_scorer", None) is None:
-            raise ConfigError("PeakFinder(sparse=True) needs an EoMT with a fitted token scorer (runs of vitkit "
-                              "train have one; else vitkit.apps.peaks.sparse.fit_token_scorer)")
+    @property
+    def sparse(self) -> bool:
+        """Whether this finder runs sparse-token inference (``sparse_threshold`` set)."""
+        return self.sparse_threshold is not None
 
     @classmethod
-    def from_run(cls, run: str | os.PathLike, geometry=None, mask=None, bf16: bool = False,
+    def from_run(cls, run: str | os.PathLike, geometry=None, mask=None, bf16: bool = False, sparse: bool = False,
                  **kwargs: Any) -> PeakFinder:
         """A finder from a ``vitkit train`` run (directory, ``.ckpt`` or exported model). ``geometry``
-        defaults to the run's ``detector.geom``; ``bf16``: the model in bfloat16 (:func:`load_model`)."""
+        defaults to the run's ``detector.geom``; ``bf16``: the model in bfloat16 (:func:`load_model`);
+        ``sparse``: the run's sparse-token model and threshold (:func:`sparse_of_run`) instead of its model."""
         if geometry is None:
             geometry = run_geometry(run)
+        if sparse:
+            model_dir, kwargs["sparse_threshold"] = sparse_of_run(run)
+            return cls(load_model(model_dir, bf16), geometry, mask, **kwargs)
         return cls(load_model(run, bf16), geometry, mask, **kwargs)
 
     def _events(self, events) -> np.ndarray:
@@ -535,8 +551,15 @@ class PeakFinder:
         if n == 0:
             return np.zeros(ev.shape, dtype=bool)
         x = self.model_input(ev, g)
-        probs = semantic_inference(self.model, x, overlap=self.overlap, batch_size=self.batch_size,
-                                   forward=self._forward_sparse if self.sparse else None)
+        if self.sparse:
+            from vitkit.apps.peaks.sparse import spot_evidence
+            from vitkit.tasks.postprocess import sparse_semantic_inference
+
+            probs, kept, total = sparse_semantic_inference(self.model, x, spot_evidence(x), self.sparse_threshold,
+                                                           overlap=self.overlap)
+            self.kept_tokens = [self.kept_tokens[0] + kept, self.kept_tokens[1] + total]
+        else:
+            probs = semantic_inference(self.model, x, overlap=self.overlap, batch_size=self.batch_size)
         out = (probs[:, 1] > self.threshold * (probs[:, 0] + probs[:, 1])).cpu().numpy().reshape(n, p, h, w)
         if self.hysteresis is not None:  # grow each peak into its connected pixels above the low threshold
             from scipy import ndimage
@@ -570,12 +593,6 @@ class PeakFinder:
         if unit is not None:
             unit = torch.from_numpy(np.tile(unit, n)).float()
         return robust_normalise(x, None if gt is None else gt.reshape(n * p, 1, h, w), unit=unit).to(self.device)
-
-    def _forward_sparse(self, windows: torch.Tensor):
-        masks, classes, keep = self.model.forward_sparse(windows)
-        self.kept_tokens[0] += int(keep.sum())
-        self.kept_tokens[1] += keep.numel()
-        return masks, classes
 
     def _peaks(self, ev: np.ndarray, masks: np.ndarray, g: np.ndarray | None) -> list[np.ndarray]:
         return [event_peaks(self.detector, e, m, self.min_pixels, self.max_peaks, self.min_peaks,

@@ -233,26 +233,33 @@ def _leave_together() -> None:
 
 
 def _fit_sparse(cfg, model, data, run_dir: Path) -> None:
-    """Fit the trained EoMT's token scorer for sparse-token inference (``cfg.sparse``) on the calibration split
-    and write its statistics to ``sparse.json``; nothing when ``sparse.fit`` is off or there is no calibration
-    data (then ``predict.sparse`` is refused)."""
-    from vitkit.apps.peaks.sparse import fit_token_scorer
+    """Sparse-token inference for the run (``cfg.sparse``, :mod:`vitkit.apps.peaks.sparse`): the spot-evidence
+    threshold on the calibration split, then a copy of the trained model fine-tuned through the sparse path
+    (``sparse_model/``; ``sparse.json`` has both's statistics). Nothing when ``sparse.fit`` is off or there is no
+    calibration data (then ``predict.sparse`` is refused)."""
+    from omegaconf import OmegaConf
+
+    from vitkit.apps.peaks.sparse import fine_tune_sparse, fit_threshold
 
     s, p = cfg.sparse, cfg.predict
-    calib = data.frames("calib") if s.fit and hasattr(model, "add_token_scorer") else None
+    calib = data.frames("calib") if s.fit else None
     if calib is None:
         return
     finder = PeakFinder(model, data.detector, overlap=p.overlap, min_pixels=p.min_pixels, threshold=p.threshold,
                         min_snr=p.min_snr)
     try:
-        stats = fit_token_scorer(finder, calib, block=s.block, recall=s.recall, targets=s.targets)
+        stats = fit_threshold(finder, calib, recall=s.recall)
     except ConfigError as e:  # the trained model is still saved; it cannot predict sparsely
-        print(f"no sparse-token scorer: {e}")
+        print(f"no sparse-token model: {e}")
         return
-    stats["calibration_shots"] = len(calib)
+    tuned, info = fine_tune_sparse(model, data.train_dataloader(), stats["threshold"], steps=s.steps, lr=s.lr,
+                                   loss=OmegaConf.to_container(cfg.module.loss, resolve=True))
+    tuned.save_pretrained(run_dir / "sparse_model")
+    stats.update(calibration_shots=len(calib), fine_tune=info)
     write_json(run_dir / "sparse.json", stats)
-    print(f"sparse-token scorer (after block {stats['block']}): keeps {stats['kept_fraction']:.3f} of the tokens "
-          f"and {stats['recall']:.3f} of the peak tokens of held-back calibration windows")
+    print(f"sparse-token model: the threshold keeps {stats['kept_fraction']:.3f} of the calibration shots' tokens "
+          f"and {stats['recall']:.3f} of their peak tokens; fine-tuned {info['steps']} steps in "
+          f"{info['seconds']:.0f} s")
 
 
 def _run_dir(cfg) -> tuple[Path, Path | None]:
@@ -306,8 +313,12 @@ def _evaluate_held_out(p, model, detector, test, run_dir: Path) -> None:
     """Predict the held-out frames with the trained model (``p``: the ``predict`` config) into the run directory,
     evaluate against their truth and write ``metrics.json``."""
     true_masks, true_peaks, weak = truth_of(test)
-    finder = PeakFinder(model, detector, good=None, overlap=p.overlap, min_pixels=p.min_pixels, min_snr=p.min_snr,
-                        min_peaks=p.min_peaks, max_peaks=p.max_peaks, threshold=p.threshold, sparse=p.sparse)
+    kw = dict(overlap=p.overlap, min_pixels=p.min_pixels, min_snr=p.min_snr, min_peaks=p.min_peaks,
+              max_peaks=p.max_peaks, threshold=p.threshold)
+    if p.sparse:
+        finder = PeakFinder.from_run(run_dir, geometry=detector, sparse=True, **kw)
+    else:
+        finder = PeakFinder(model, detector, **kw)
     res = predict(finder, test, run_dir, overlays=p.overlays, truth=true_peaks, keep_masks=True)
     metrics = evaluate(res["masks"], res["peaks"], true_masks, true_peaks, radius=p.radius, weak=weak)
     metrics["num_frames"] = len(test)

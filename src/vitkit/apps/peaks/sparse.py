@@ -1,24 +1,29 @@
-"""Sparse-token inference for peak frames: fit EoMT's per-token scorer and its threshold.
+"""Sparse-token inference for peak frames: which tokens to compute, their threshold, and the model that runs on them.
 
 Bragg peaks cover well under 1 % of a panel, yet a dense EoMT runs every block and the full-resolution mask
-decoder on every patch of every window. :meth:`vitkit.EoMT.forward_sparse` stops most of that after the first
-``block`` blocks: a linear scorer on the patch tokens there decides which tokens may hold a peak; only those
-(and their 8 neighbours) go on, and windows with none stop there.
+decoder on every patch of every window. :meth:`vitkit.EoMT.forward_sparse` computes only the patch tokens it is
+told to keep, each with the other kept tokens of its window as context, and decodes each kept token's tile on its
+own. Three pieces make that a peak finder:
 
-The scorer is fitted after training, on the trained model, frozen (logistic regression on the tokens of the
-calibration shots' windows, tiled exactly as :class:`~vitkit.apps.peaks.finder.PeakFinder` tiles them). A token is
-positive when the dense finder itself puts a peak pixel in its patch (``targets="model"``: the sparse path learns
-to keep what the dense model would report, and calibration needs no labels, so a run's own events serve) or when
-a labelled peak pixel lies in it (``targets="truth"``). Its threshold is the highest that keeps ``recall`` of the
-positive tokens of a held-back part of those windows after the 8-neighbour growth: peaks the scorer drops are
-peaks the finder cannot report, so recall, not accuracy, sets it.
+* **Which tokens** (:func:`spot_evidence`): a parameter-free local contrast of the normalised panel, the 3 x 3
+  mean minus the 15 x 15 mean around each pixel, computed once per panel. A token is kept when the contrast
+  anywhere in its patch or a 1-pixel border exceeds a threshold. Bright compact spots pass; flat background,
+  the slow water ring and the noise mostly do not.
+* **The threshold** (:func:`fit_threshold`): the highest that keeps ``recall`` of the tokens in which the dense
+  finder itself puts a peak pixel, on calibration shots (no labels needed: a run's own events serve).
+* **A model trained as it runs** (:func:`fine_tune_sparse`): the dense model, fine-tuned through the sparse path
+  with the kept tokens only and the loss on their pixels only. A densely trained model needs every token's
+  context: without it, it loses F1 ~0.01 at the same kept tokens; fine-tuned, it keeps the dense model's F1.
 
-Measured (benchmarks/RESULTS.md, ``benchmarks/sparse_tokens.py``): on the main job's model the scorer keeps ~40 %
-of the tokens for 99.5 % recall, F1 within 0.001-0.003 of dense, 1.2-1.4x faster end to end.
+``vitkit train`` does all three after training (``sparse.json``, ``sparse_model/``) and ``vitkit predict
+--sparse`` uses them. Measured in ``benchmarks/RESULTS.md`` (``benchmarks/sparse_tokens.py``).
 """
 
 from __future__ import annotations
 
+import copy
+import math
+import time
 from typing import Any
 
 import numpy as np
@@ -26,132 +31,154 @@ import torch
 import torch.nn.functional as F
 
 from vitkit.errors import ConfigError
-from vitkit.tasks.postprocess import windows_of
+from vitkit.tasks.postprocess import token_keep
 
-__all__ = ["fit_token_scorer"]
+__all__ = ["spot_evidence", "fit_threshold", "fine_tune_sparse", "window_masks"]
+
+SPOT, BACKGROUND = 3, 15  # box sides (px) of the spot mean and of the background mean
 
 
-@torch.no_grad()
-def _features(finder, shots, batch_size: int, targets: str
-              ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-    """Scorer inputs (patch tokens after the scorer's block) ``[n, gh * gw, D]`` and token targets ``[n, gh * gw]``
-    (a peak pixel of the dense finder's masks, or of the items' labels, in the patch) of every window of every
-    panel of ``shots``."""
-    model = finder.model
-    wh, ww = model.img_size
-    feats, positive, grid = [], [], None
+def spot_evidence(x: torch.Tensor) -> torch.Tensor:
+    """Local contrast ``[N, 1, H, W]`` of normalised panels ``x`` ``[N, 1, H, W]`` (bad pixels 0): the 3 x 3 mean
+    minus the 15 x 15 mean around each pixel (means over the pixels inside the panel)."""
+    return _box_mean(x, SPOT) - _box_mean(x, BACKGROUND)
+
+
+def _box_mean(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean over the ``k x k`` box around each pixel of ``x`` ``[..., H, W]``, the box clipped to the image (as
+    ``avg_pool2d(..., count_include_pad=False)``), from running sums along each axis: a few reads per pixel,
+    whatever ``k`` (a direct 15 x 15 pool is ~30x slower on a CPU)."""
+    r = k // 2
+    out = x
+    for dim in (-2, -1):
+        L = x.shape[dim]
+        pad = (0, 0, r + 1, r) if dim == -2 else (r + 1, r)
+        c = F.pad(out, pad).cumsum(dim)
+        out = c.narrow(dim, k, L) - c.narrow(dim, 0, L)
+    H, W = x.shape[-2:]
+
+    def count(n: int) -> torch.Tensor:
+        i = torch.arange(n, device=x.device)
+        return (torch.clamp(i + r, max=n - 1) - torch.clamp(i - r, min=0) + 1).to(x.dtype)
+
+    return out / (count(H)[:, None] * count(W))
+
+
+def _panel_tokens(finder, shots) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per patch token of every panel of ``shots``: the evidence :func:`token_keep` reads (max over the patch and
+    its 1-pixel border) and whether the dense finder puts a peak pixel in it. Flat ``[n]`` each."""
+    p = finder.model.encoder.patch_size
+    evidence, positive = [], []
     for i in range(len(shots)):
         item = shots[i]
         ev = np.asarray(item["image"], dtype=np.float32)
-        ev = ev[:, 0] if ev.ndim == 4 else ev
-        ev = finder._events(ev)
+        ev = finder._events(ev[:, 0] if ev.ndim == 4 else ev)
         good = item.get("good")
         g = finder._good(ev, None if good is None else np.asarray(good, dtype=bool).reshape(ev.shape))
         x = finder.model_input(ev, g)
-        lab = finder._masks(ev, g) if targets == "model" else np.asarray(item["label"]) > 0
-        lab = torch.as_tensor(lab).reshape(-1, 1, *x.shape[-2:]).float()
-        ph, pw = max(0, wh - x.shape[-2]), max(0, ww - x.shape[-1])
-        if ph or pw:
-            x, lab = F.pad(x, (0, pw, 0, ph)), F.pad(lab, (0, pw, 0, ph))
-        boxes = windows_of(x, (wh, ww), finder.overlap)
-        for s in range(0, len(boxes), batch_size):
-            chunk = boxes[s:s + batch_size]
-            win = torch.stack([x[b, :, y:y + wh, xx:xx + ww] for b, y, xx in chunk])
-            tokens, grid, _ = model.token_features(win)
-            feats.append(tokens[:, model.encoder.num_prefix_tokens:].float().cpu())
-            tl = torch.stack([lab[b, :, y:y + wh, xx:xx + ww] for b, y, xx in chunk])
-            p = model.encoder.patch_size
-            tl = F.pad(tl, (0, grid[1] * p - ww, 0, grid[0] * p - wh))
-            positive.append(F.max_pool2d(tl, p).flatten(1) > 0)
-    return torch.cat(feats), torch.cat(positive), grid
+        e = F.pad(spot_evidence(x), (1, 1, 1, 1), value=float("-inf"))
+        h, w = x.shape[-2:]
+        gh, gw = -(-h // p), -(-w // p)
+        e = F.pad(e, (0, gw * p - w, 0, gh * p - h), value=float("-inf"))
+        evidence.append(F.max_pool2d(e, p + 2, stride=p).flatten())
+        m = torch.from_numpy(finder._masks(ev, g)).reshape(-1, 1, h, w).float()
+        positive.append(F.max_pool2d(F.pad(m, (0, gw * p - w, 0, gh * p - h)), p).flatten() > 0)
+    return torch.cat(evidence), torch.cat(positive)
 
 
-def _grown(keep: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """``keep`` ``[n, gh * gw]`` with the 8 neighbours of every kept token (the growth forward_sparse applies)."""
-    return F.max_pool2d(keep.view(-1, 1, *grid).float(), 3, stride=1, padding=1).flatten(1) > 0
-
-
-def _grown_recall(keep: torch.Tensor, target: torch.Tensor, grid: tuple[int, int]) -> float:
-    """Share of positive tokens kept after the 8-neighbour growth forward_sparse applies."""
-    grown = _grown(keep, grid)
-    pos = int(target.sum())
-    return 1.0 if pos == 0 else float((grown & target).sum()) / pos
-
-
-def fit_token_scorer(finder, shots, block: int = 0, recall: float = 0.995, targets: str = "model",
-                     steps: int = 300, lr: float = 0.05, holdout: float = 0.3, batch_size: int = 64,
-                     seed: int = 0) -> dict[str, Any]:
-    """Give ``finder.model`` (an EoMT, trained) a token scorer read after ``block`` blocks and fit it.
+@torch.no_grad()
+def fit_threshold(finder, shots, recall: float = 0.995) -> dict[str, Any]:
+    """The :func:`spot_evidence` threshold that keeps ``recall`` of the peak tokens of ``shots``.
 
     Args:
-        finder: a dense :class:`~vitkit.apps.peaks.finder.PeakFinder` (its normalisation, mask rules and
-            window overlap are what the scorer sees).
-        shots: whole labelled shots (items with ``image`` ``[P, 1, H, W]`` or ``[P, H, W]``, ``label``, ``good``;
-            e.g. :class:`~vitkit.apps.peaks.lattice.LatticeStillsDataset` with ``panels_per_item=None``) from
-            outside every split that is evaluated.
-        block: the scorer reads the tokens after this many blocks (at most the blocks before the queries join).
-        recall: share of positive tokens of the held-back windows the threshold keeps (after growth).
-        targets: which tokens are positive: ``"model"``, those where the dense finder itself finds peak pixels
-            (the sparse path is fitted to keep what the dense model would report, and the shots need no labels:
-            a run's own unlabelled events serve); ``"truth"``, those with a labelled peak pixel (``label``).
-        steps, lr: full-batch Adam on the class-balanced logistic loss.
-        holdout: share of the windows (whole panels' windows, last ones) held back to set the threshold.
+        finder: a dense :class:`~vitkit.apps.peaks.finder.PeakFinder` (its normalisation and masks define the
+            peak tokens: those where it finds a peak pixel).
+        shots: whole shots (items with ``image`` ``[P, 1, H, W]`` or ``[P, H, W]`` and ``good``; e.g.
+            :class:`~vitkit.apps.peaks.lattice.LatticeStillsDataset` with ``panels_per_item=None``), outside every
+            split that is evaluated.
+        recall: share of the peak tokens whose evidence must exceed the threshold.
 
-    Returns ``{"block", "threshold", "recall", "kept_fraction", "positive_fraction", "windows"}`` on the held-back
-    windows (kept fraction after growth). The model keeps the fitted scorer (saved by ``save_pretrained``).
+    Returns ``{"threshold", "recall", "kept_fraction", "positive_fraction", "tokens"}`` on those shots.
     """
-    model = finder.model
-    if not 0 < recall <= 1 or not 0 < holdout < 1:
-        raise ConfigError(f"fit_token_scorer: recall must be in (0, 1] and holdout in (0, 1), got {recall}, {holdout}")
-    if targets not in ("model", "truth"):
-        raise ConfigError(f"fit_token_scorer: targets must be 'model' or 'truth', got {targets!r}")
+    if not 0 < recall <= 1:
+        raise ConfigError(f"fit_threshold: recall must be in (0, 1], got {recall}")
     if finder.sparse:
-        raise ConfigError("fit_token_scorer needs a dense PeakFinder (sparse=False): its masks are the targets")
-    previous = None if model.token_scorer is None else model.token_scorer_block
-    if previous != block:
-        model.add_token_scorer(block)
-    model.eval()
-    feats, target, grid = _features(finder, shots, batch_size, targets)
-    n = feats.shape[0]
-    cut = max(1, min(n - 1, int(round(n * (1 - holdout)))))
-    if not target[:cut].any() or not target[cut:].any():
-        if previous is None:  # leave the model as it came: no untrained scorer
-            model.remove_token_scorer()
-        raise ConfigError(f"fit_token_scorer: the calibration shots have no peak tokens in the fitting or the "
-                          f"held-back windows ({int(target.sum())} of {target.numel()}); give more shots")
-    lin = model.token_scorer[1]
-    norm = model.token_scorer[0]
-    x = norm(feats[:cut].reshape(-1, feats.shape[-1]))
-    y = target[:cut].reshape(-1).float()
-    pos_weight = (y.numel() - y.sum()) / y.sum()
-    g = torch.Generator().manual_seed(seed)
-    w = torch.zeros(1, x.shape[1]).normal_(0, 0.01, generator=g).requires_grad_()
-    b = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.Adam([w, b], lr=lr)
-    with torch.enable_grad():
-        for _ in range(steps):
-            opt.zero_grad()
-            loss = F.binary_cross_entropy_with_logits((x @ w.T)[:, 0] + b, y, pos_weight=pos_weight)
-            loss.backward()
+        raise ConfigError("fit_threshold needs a dense PeakFinder (sparse=False): its masks are the targets")
+    evidence, positive = _panel_tokens(finder, shots)
+    if not positive.any():
+        raise ConfigError(f"fit_threshold: the dense finder finds no peak in the {len(shots)} calibration shots; "
+                          f"give shots with peaks")
+    scores = torch.sort(evidence[positive]).values
+    k = min(len(scores) - 1, int(np.floor((1 - recall) * len(scores))))  # tokens below scores[k] are given up
+    thr = float(scores[k]) - 1e-6
+    return {"threshold": thr, "recall": float((scores > thr).float().mean()),
+            "kept_fraction": float((evidence > thr).float().mean()),
+            "positive_fraction": float(positive.float().mean()), "tokens": int(evidence.numel())}
+
+
+def window_masks(model, tiles: torch.Tensor, where: torch.Tensor, shape: tuple[int, int, int]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Place :meth:`~vitkit.EoMT.forward_sparse`'s tiles on their windows: mask logits ``[B, Q, H, W]`` (0 where no
+    token was computed) and the computed pixels ``[B, H, W]`` bool, for windows of ``shape`` ``(B, H, W)``."""
+    B, H, W = shape
+    p, s = model.encoder.patch_size, tiles.shape[-1]
+    if s != p:
+        tiles = F.interpolate(tiles, size=(p, p), mode="bilinear", align_corners=False)
+    gh, gw = -(-H // p), -(-W // p)
+    grid = tiles.new_zeros(B, gh, gw, tiles.shape[1], p, p)
+    grid = grid.index_put((where[:, 0], where[:, 1], where[:, 2]), tiles)
+    masks = grid.permute(0, 3, 1, 4, 2, 5).reshape(B, -1, gh * p, gw * p)[..., :H, :W]
+    computed = torch.zeros(B, gh, gw, dtype=torch.bool, device=tiles.device)
+    computed[where[:, 0], where[:, 1], where[:, 2]] = True
+    computed = computed.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, :H, :W]
+    return masks, computed
+
+
+def fine_tune_sparse(model, loader, threshold: float, steps: int = 400, lr: float = 1e-4,
+                     weight_decay: float = 0.05, loss: dict[str, Any] | None = None, log_every: int = 50
+                     ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A copy of ``model`` (a trained EoMT, masked attention annealed away) fine-tuned through the sparse path.
+
+    Each training crop (batches of ``loader``: ``image`` ``[B, 1, h, w]`` normalised, ``label``, ``valid``) keeps
+    the tokens :func:`token_keep` gives its :func:`spot_evidence` at ``threshold`` (no surroundings: the crop's
+    border counts as no evidence), runs :meth:`~vitkit.EoMT.forward_sparse` and is scored by the training loss
+    (:class:`~vitkit.tasks.loss.MaskClassificationLoss` with ``loss``'s settings) on the pixels of its kept
+    tokens only (the others are never predicted). AdamW from ``lr`` down a cosine to 0 over ``steps`` batches
+    (the loader is cycled). Returns ``(model, {"steps", "seconds", "loss_first", "loss_last", "kept_fraction"})``.
+    """
+    from vitkit.tasks.loss import MaskClassificationLoss
+    from vitkit.tasks.train.module import semantic_targets
+
+    if steps < 1:
+        raise ConfigError(f"fine_tune_sparse: steps must be positive, got {steps}")
+    tuned = copy.deepcopy(model).train()
+    criterion = MaskClassificationLoss(tuned.num_classes, **(loss or {}))
+    opt = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+    dev = tuned.q.weight.device
+    p = tuned.encoder.patch_size
+    losses, kept, total, t0, step = [], 0, 0, time.perf_counter(), 0
+    while step < steps:
+        for batch in loader:
+            x, label = batch["image"].to(dev), batch["label"].to(dev)
+            valid = batch.get("valid")
+            with torch.no_grad():
+                keep = token_keep(F.pad(spot_evidence(x), (1, 1, 1, 1), value=float("-inf")), p, threshold)
+            kept, total = kept + int(keep.sum()), total + keep.numel()
+            tiles, classes, where = tuned.forward_sparse(x, keep)
+            masks, computed = window_masks(tuned, tiles, where, (x.shape[0], *x.shape[-2:]))
+            valid = computed if valid is None else computed & valid.to(dev)
+            value, _ = criterion([masks], [classes], semantic_targets(label, tuned.num_classes, valid))
+            opt.zero_grad(set_to_none=True)
+            value.backward()
             opt.step()
-    with torch.no_grad():
-        lin.weight.copy_(w.to(lin.weight.dtype))
-        lin.bias.copy_(b.to(lin.bias.dtype))
-        scores = model.token_scorer(feats[cut:].to(lin.weight.device, lin.weight.dtype)).squeeze(-1).float().cpu()
-    tgt = target[cut:]
-    # the highest threshold whose grown recall reaches the goal: bisect over the positive tokens' scores
-    cand = torch.sort(scores[tgt]).values
-    lo, hi = 0, len(cand) - 1  # threshold just below cand[i] keeps every positive scored >= cand[i]
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if _grown_recall(scores >= cand[mid], tgt, grid) >= recall:
-            lo = mid
-        else:
-            hi = mid - 1
-    thr = float(cand[lo]) - 1e-6
-    model.token_threshold.fill_(thr)
-    keep = scores > thr
-    grown = _grown(keep, grid)
-    return {"block": block, "threshold": thr, "recall": _grown_recall(keep, tgt, grid),
-            "kept_fraction": float(grown.float().mean()), "positive_fraction": float(tgt.float().mean()),
-            "windows": int(n - cut)}
+            sched.step()
+            losses.append(float(value.detach()))
+            step += 1
+            if log_every and (step % log_every == 0 or step == steps):
+                print(f"sparse fine-tune step {step}/{steps}: loss {np.mean(losses[-log_every:]):.4f}", flush=True)
+            if step == steps:
+                break
+    tuned.eval()
+    return tuned, {"steps": steps, "seconds": time.perf_counter() - t0, "loss_first": float(np.mean(losses[:20])),
+                   "loss_last": float(np.mean(losses[-20:])), "kept_fraction": kept / max(total, 1)}

@@ -110,7 +110,7 @@ class ModelConfig:
     overlap: float = 0.25
     """Sliding-window overlap (as ``vitkit predict --overlap``)."""
     sparse: bool = False
-    """Sparse-token EoMT (as ``vitkit predict --sparse``; the run needs its fitted token scorer)."""
+    """Sparse-token EoMT (as ``vitkit predict --sparse``): the run's ``sparse_model/`` and ``sparse.json`` threshold."""
     batch_size: int = 4
     """Frames per batch sent to one actor call."""
     max_batches_per_actor: int = 2

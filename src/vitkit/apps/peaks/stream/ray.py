@@ -182,7 +182,7 @@ class StreamPipeline:
     def _open_finder(self) -> None:
         """The run's detector, good-pixel mask and model-less PeakFinder (what every stage shares)."""
         from vitkit.apps.peaks.detector import load_detector
-        from vitkit.apps.peaks.finder import PeakFinder, read_mask, run_geometry
+        from vitkit.apps.peaks.finder import PeakFinder, read_mask, run_geometry, sparse_of_run
         from vitkit.apps.peaks.stream.stages import EventCheck
 
         d, p, s = self.cfg.detector, self.cfg.peaks, self.cfg.source
@@ -198,9 +198,13 @@ class StreamPipeline:
                 raise StreamError("detector.mask needs a geometry (detector.geometry=<.geom or built-in name>) to "
                                   "know which pixels the mask covers.")
             good = read_mask(d.mask, self.detector, d.mask_key)
+        # the model the actors load: the run's, or its sparse-token model with the threshold it was fitted with
+        self.model_path, threshold = self.cfg.model.checkpoint, None
+        if self.cfg.model.sparse:
+            self.model_path, threshold = sparse_of_run(self.cfg.model.checkpoint)
         self.finder = PeakFinder(None, self.detector, good, overlap=self.cfg.model.overlap, min_pixels=p.min_pixels,
                                  min_peaks=p.min_peaks, max_peaks=p.max_peaks, threshold=p.threshold,
-                                 min_snr=p.min_snr, sparse=self.cfg.model.sparse)
+                                 min_snr=p.min_snr, sparse_threshold=threshold)
         self.check = EventCheck(self.detector, self.finder.good)
 
     def _open_source(self):
@@ -283,7 +287,7 @@ class StreamPipeline:
         ).remote(str((out / CXI_FILE).resolve()), cfg.peaks.max_peaks, cfg.output.flush_every_s)
         actor_cls = ray.remote(ModelActor).options(num_cpus=m.num_cpus, num_gpus=self._actor_gpus(),
                                                     max_restarts=m.max_restarts, max_task_retries=0)
-        ckpt_abs = str(ckpt.resolve())
+        ckpt_abs = str(Path(self.model_path).resolve())
         self._finder_ref = ray.put(self.finder)
         self.slots = [_Slot(i, actor_cls.remote(ckpt_abs, self._finder_ref, m.device, m.bf16, m.torch_threads,
                                                 m.mask_format, m.warmup)) for i in range(m.num_actors)]
