@@ -1,29 +1,27 @@
 """Sparse-token EoMT against dense EoMT on the peaks app's held-out shots: speed at batch 1 and peak F1.
 
-    python benchmarks/sparse_tokens.py --run runs/<main job run>          # blocks 0,1,2; 8 test shots
-    python benchmarks/sparse_tokens.py --run RUN --blocks 0 --shots 4 --reps 2 --threads 1
-    python benchmarks/sparse_tokens.py --run RUN --blocks "" --bf16    # dense fp32 vs bf16, and the run's scorer
+    python benchmarks/sparse_tokens.py --run runs/<main job run>            # 24 held-out shots, 3 timed rounds
+    python benchmarks/sparse_tokens.py --run RUN --shots 8 --reps 2 --bf16  # and the dense model in bfloat16
 
-For each scorer block ``k`` (``--blocks``) a copy of the run's model gets a token scorer read after ``k`` blocks,
-fitted by :func:`vitkit.apps.peaks.sparse.fit_token_scorer` on ``--calib`` calibration shots (recall
-``--recall``); the run's own fitted scorer (``sparse.json``, when present) is a row too. Every finder is
+The run is a ``vitkit train`` run: its model (dense), and its sparse-token model and threshold (``sparse_model/``,
+``sparse.json``: :mod:`vitkit.apps.peaks.sparse`). Rows: dense; the sparse finder (``vitkit predict --sparse``);
+the same kept tokens through the *dense* model (what the fine-tune adds); both at window overlap 0 (what the
+overlap costs); optionally the dense model with bfloat16 weights; and the floor, the sparse finder keeping no
+token (normalisation, lone pixels, spot evidence, extraction of nothing). Every finder is
 :class:`~vitkit.apps.peaks.finder.PeakFinder` with the same extraction rules, fed one whole epix10k2M event at a
-time (batch 1, end to end: normalisation, lone pixels, model, extraction). ``floor`` is the sparse path keeping
-no token at all after block 0 (what no scorer can go below: normalisation, patch embedding, extraction).
+time (batch 1, end to end).
 
-Data: simulated lattice stills on the run's detector (``detector.geom``), default :class:`LatticeConfig`;
-calibration shots from seed 3 (the main job's ``calib`` split), test shots from seed 2 (the main job's held-out
-``test`` split, also ``benchmarks/peakfinding.py``'s). Peak F1 with ``vitkit evaluate``'s code
-(:func:`vitkit.apps.peaks.job.evaluate`, 2 px, weak reflections don't-care). Timing: all finders round-robin
-(:func:`common.time_interleaved`), each call the whole test split event by event; seconds per event = call time /
-shots; calls during which other processes used > 0.25 cores are repeated. The JSON (``--out``) has the machine,
-the fits and every timing.
+Data: simulated lattice stills on the run's detector (``detector.geom``), default :class:`LatticeConfig`, seed 2
+(the main job's held-out ``test`` split: ``--shots 24`` is exactly the shots ``vitkit train`` evaluates). Peak F1
+with ``vitkit evaluate``'s code (:func:`vitkit.apps.peaks.job.evaluate`, 2 px, weak reflections don't-care).
+Timing: all finders round-robin (:func:`common.time_interleaved`), each call the whole test split event by event;
+seconds per event = call time / shots; calls during which other processes used > 0.25 cores are repeated. The JSON
+(``--out``) has the machine, the run's sparse statistics and every timing.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 from pathlib import Path
@@ -35,13 +33,9 @@ import common  # noqa: E402
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", type=Path, required=True, help="a vitkit train run directory (its model/ and .geom)")
-    ap.add_argument("--blocks", default="0,1,2", help="scorer blocks to fit and time (comma-separated)")
-    ap.add_argument("--recall", type=float, default=0.995, help="peak-token recall the threshold keeps")
-    ap.add_argument("--targets", choices=("model", "truth"), default="model",
-                    help="positive tokens: where the dense model finds peaks (default) or the simulator's labels")
-    ap.add_argument("--shots", type=int, default=8, help="test shots (default 8)")
-    ap.add_argument("--calib", type=int, default=8, help="calibration shots for the scorer fit (default 8)")
+    ap.add_argument("--run", type=Path, required=True, help="a vitkit train run directory (model/, sparse_model/, "
+                    "sparse.json, detector.geom)")
+    ap.add_argument("--shots", type=int, default=24, help="held-out shots (default 24: the main job's test split)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--reps", type=int, default=3, help="timed rounds (default 3; one warm-up round)")
     ap.add_argument("--bf16", action="store_true", help="also time the dense finder with bfloat16 weights "
@@ -49,10 +43,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=Path("sparse_out"), help="output directory for the JSON")
     args = ap.parse_args(argv)
 
-    from vitkit.apps.peaks.finder import PeakFinder, load_model
+    from vitkit.apps.peaks.finder import PeakFinder, load_model, sparse_of_run
     from vitkit.apps.peaks.job import evaluate, event_of, truth_of
     from vitkit.apps.peaks.lattice import LatticeConfig, LatticeStillsDataset
-    from vitkit.apps.peaks.sparse import fit_token_scorer
+    from vitkit.weights.io import read_json
 
     common.setup_process(args.threads)
     env = common.environment()
@@ -61,36 +55,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = load_model(args.run).eval()
     dense = PeakFinder(model, str(geom) if geom.exists() else "epix10k2m")
     det = dense.detector
-    calib = LatticeStillsDataset(args.calib, det, LatticeConfig(), seed=3, panels_per_item=None)
+    sparse_dir, threshold = sparse_of_run(args.run)
+    sparse_model = load_model(sparse_dir).eval()
     test = LatticeStillsDataset(args.shots, det, LatticeConfig(), seed=2, panels_per_item=None)
     true_masks, true_peaks, weak = truth_of(test)
     events = [(event_of(it)[None], event_of(it["good"]).astype(bool)) for it in (test[i] for i in range(len(test)))]
 
-    finders: dict[str, Any] = {"dense": dense}
+    finders: dict[str, Any] = {
+        "dense": dense,
+        "sparse (vitkit predict --sparse)": PeakFinder(sparse_model, det, sparse_threshold=threshold),
+        "sparse tokens, dense model (no fine-tune)": PeakFinder(model, det, sparse_threshold=threshold),
+        "dense, overlap 0": PeakFinder(model, det, overlap=0.0),
+        "sparse, overlap 0": PeakFinder(sparse_model, det, sparse_threshold=threshold, overlap=0.0),
+    }
     if args.bf16:  # the other inference speed-up, for comparison: dense with the weights in bfloat16
-        import torch
-
-        from vitkit.layers.precision import cast_for_inference
-
-        finders["dense bf16"] = PeakFinder(cast_for_inference(copy.deepcopy(model), torch.bfloat16), det)
-    fits: dict[str, Any] = {}
-    if model.token_scorer is not None:
-        finders["sparse (run's scorer)"] = PeakFinder(model, det, sparse=True)
-        fits["sparse (run's scorer)"] = {"block": model.token_scorer_block,
-                                         "threshold": float(model.token_threshold)}
-    base = copy.deepcopy(model)
-    if base.token_scorer is not None:
-        base.remove_token_scorer()
-    for k in (int(b) for b in args.blocks.split(",") if b != ""):
-        m = copy.deepcopy(base)
-        fits[f"sparse block {k}"] = fit_token_scorer(PeakFinder(m, det), calib, block=k, recall=args.recall,
-                                                     targets=args.targets)
-        finders[f"sparse block {k}"] = PeakFinder(m, det, sparse=True)
-        print(f"fitted block {k}: {fits[f'sparse block {k}']}", flush=True)
-    floor = copy.deepcopy(base)
-    floor.add_token_scorer(0)
-    floor.token_threshold.fill_(float("inf"))
-    finders["floor (nothing kept)"] = PeakFinder(floor, det, sparse=True)
+        finders["dense bf16"] = PeakFinder(load_model(args.run, bf16=True), det)
+    finders["floor (no token kept)"] = PeakFinder(sparse_model, det, sparse_threshold=float("inf"))
 
     rows: dict[str, dict[str, Any]] = {}
     for name, f in finders.items():  # accuracy (and the first, warm-up pass of each finder)
@@ -102,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         kept = None if not f.sparse else f.kept_tokens[0] / max(f.kept_tokens[1], 1)
         met = evaluate(masks, tables, true_masks, true_peaks, radius=2.0, weak=weak)
         rows[name] = {"peak_f1": met["peak_f1"], "peak_precision": met["peak_precision"],
-                      "peak_recall": met["peak_recall"], "kept_token_fraction": kept, "fit": fits.get(name)}
+                      "peak_recall": met["peak_recall"], "kept_token_fraction": kept}
         print(f"{name}: F1 {met['peak_f1']:.4f} (P {met['peak_precision']:.3f} R {met['peak_recall']:.3f})"
               + ("" if kept is None else f", kept {kept:.3f} of the tokens"), flush=True)
 
@@ -124,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(common.format_table(headers, table))
     print(common.format_table(headers, table, markdown=True))
     doc = {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-           "timing_stats": stats, "shots": len(events)}
+           "timing_stats": stats, "shots": len(events), "sparse_json": read_json(args.run / "sparse.json")}
     args.out.mkdir(parents=True, exist_ok=True)
     common.write_json(args.out / "sparse_tokens.json", doc)
     return doc
