@@ -161,7 +161,7 @@ class PeakDataModule(L.LightningDataModule):
         negative_bias: probability that a training crop is centred on a random hard negative (a bright valid
             background pixel, :class:`CropDataset`).
         num_train, num_val, num_test: split sizes (panels / panels / shots for ``lattice``; disjoint seeds).
-        num_calib: calibration shots (whole shots, a seed of their own) for fitting the sparse-token scorer
+        num_calib: calibration shots (whole shots, a seed of their own) for fitting the sparse-token threshold
             (``frames("calib")``); ``files`` calibrates on the validation files.
         lattice, synth: overrides of :class:`~.lattice.LatticeConfig` / :class:`~.synthetic.SynthConfig`.
     """

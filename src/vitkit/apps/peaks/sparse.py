@@ -13,10 +13,12 @@ own. Three pieces make that a peak finder:
   finder itself puts a peak pixel, on calibration shots (no labels needed: a run's own events serve).
 * **A model trained as it runs** (:func:`fine_tune_sparse`): the dense model, fine-tuned through the sparse path
   with the kept tokens only and the loss on their pixels only. A densely trained model needs every token's
-  context: without it, it loses F1 ~0.01 at the same kept tokens; fine-tuned, it keeps the dense model's F1.
+  context: on the same kept tokens it loses F1 0.011; fine-tuned, 0.0035.
 
 ``vitkit train`` does all three after training (``sparse.json``, ``sparse_model/``) and ``vitkit predict
---sparse`` uses them. Measured in ``benchmarks/RESULTS.md`` (``benchmarks/sparse_tokens.py``).
+--sparse`` uses them. Measured (``benchmarks/sparse_tokens.py``, ``benchmarks/RESULTS.md``): on the main job's 24
+held-out epix10k2M shots it keeps 0.08 of the tokens and finds peaks 4.3x faster than the dense finder end to end, at
+F1 0.957 against 0.961.
 """
 
 from __future__ import annotations
