@@ -34,7 +34,7 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 TRAIN = ["data=synthetic", "trainer.max_steps=3", "module.lr=1e-2", "module.warmup_steps=1", "model.embed_dim=32",
          "model.depth=2", "model.num_q=4", "data.num_train=12", "data.batch_size=4", "data.num_val=1",
          "data.num_test=0", "data.frame_shape=[64,64]", "trainer.val_check_interval=3", "predict.overlays=0",
-         "module.loss.num_points=1024"]
+         "module.loss.num_points=1024", "sparse.steps=4"]
 N, SHAPE = 16, (64, 96)
 PREDICT = ["--threshold", "0.3", "--overlays", "3", "--write-frames"]
 OUTPUTS = {"peaks.cxi", "peaks.csv", "overlay_0000.png", "overlay_0001.png", "overlay_0002.png"}

@@ -19,7 +19,8 @@ import torch
 from helpers import free_port
 
 TINY = ["model.embed_dim=32", "model.depth=2", "model.num_q=4", "data.num_train=32", "data.num_val=4",
-        "data.num_test=2", "trainer.val_check_interval=4", "predict.overlays=1"]  # the default: epix10k2M shots
+        "data.num_test=2", "trainer.val_check_interval=4", "predict.overlays=1",  # the default: epix10k2M shots
+        "sparse.steps=4"]  # the sparse-token fine-tune runs, briefly (800 steps in the main job)
 
 
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:

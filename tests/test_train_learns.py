@@ -174,7 +174,7 @@ def test_readme_groups_train_through_vitkit_train(tmp_path):
                   f"data.train={tmp_path / 'train.zarr'}", f"data.val={tmp_path / 'test.zarr'}",
                   f"data.test={tmp_path / 'test.zarr'}", "data.crop=[64,64]", "data.batch_size=2",
                   "data.num_workers=0", "+model.depth=4", "trainer.max_steps=2", "trainer.val_check_interval=1",
-                  "predict.overlays=0", env={"OMP_NUM_THREADS": "1"})
+                  "predict.overlays=0", "sparse.steps=4", env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines()[-1] == str(run)  # printed once, by rank 0
     cfg = OmegaConf.load(run / "config.yaml")

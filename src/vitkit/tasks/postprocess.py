@@ -34,15 +34,13 @@ def windows_of(x: torch.Tensor, window: tuple[int, int], overlap: float) -> list
 
 @torch.no_grad()
 def semantic_inference(model, images: torch.Tensor, window: tuple[int, int] | None = None,
-                       overlap: float = 0.25, batch_size: int = 32, forward=None) -> torch.Tensor:
+                       overlap: float = 0.25, batch_size: int = 32) -> torch.Tensor:
     """Semantic class scores [B, C, H, W] for frames of any size, at native resolution.
 
     Frames larger than the window (default: the model's ``img_size``) are tiled into overlapping windows
     whose scores are averaged where they overlap; smaller sides are zero-padded bottom/right and cropped
     back. Nothing is resized, so few-pixel structures keep their size. The windows of all B frames go
     through the model together, ``batch_size`` at a time (16 detector panels are one batch stream).
-    ``forward``: what runs a batch of windows instead of ``model(windows)`` (same ``(masks, classes)`` lists),
-    e.g. EoMT's sparse-token path.
     """
     if images.ndim != 4:
         raise InputError(f"expected images [B, C, H, W], got shape {tuple(images.shape)}")
@@ -59,7 +57,7 @@ def semantic_inference(model, images: torch.Tensor, window: tuple[int, int] | No
     out = None
     for s in range(0, len(boxes), batch_size):
         chunk = boxes[s:s + batch_size]
-        masks, classes = (forward or model)(torch.stack([images[b, :, y:y + wh, x:x + ww] for b, y, x in chunk]))
+        masks, classes = model(torch.stack([images[b, :, y:y + wh, x:x + ww] for b, y, x in chunk]))
         probs = semantic_probs(masks[-1], classes[-1]).float()
         if probs.shape[-2:] != (wh, ww):
             probs = F.interpolate(probs, size=(wh, ww), mode="bilinear", align_corners=False)
