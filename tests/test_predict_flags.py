@@ -330,6 +330,13 @@ def test_sparse_predicts_with_the_runs_sparse_model(learned_run, data, tmp_path,
     f = PeakFinder.from_run(learned_run, sparse=True)
     f(data["frames"][:1])
     assert 0 < f.kept_tokens[0] < f.kept_tokens[1]
+    # `vitkit train` evaluated the sparse model beside the dense one; `vitkit evaluate --sparse` says the same
+    reported = json.loads((learned_run / "metrics.json").read_text())["sparse"]
+    assert 0 < reported["peak_f1"] <= 1 and 0 < reported["kept_token_fraction"] < 1
+    res = cli_here(capsys, "evaluate", str(learned_run), "--sparse", "--out", str(tmp_path / "ev"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert {k: got[k] for k in reported} == pytest.approx(reported)
 
 
 def test_bf16_predicts_with_a_bfloat16_model(learned_run, data, tmp_path, capsys, monkeypatch):

@@ -192,6 +192,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     res = predict(finder, events, out, overlays=0, keep_masks=True)
     metrics = evaluate(res["masks"], res["peaks"], true_masks, true_peaks, radius=args.radius, weak=weak)
     metrics["num_frames"] = len(events)
+    if finder.sparse:
+        metrics["kept_token_fraction"] = finder.kept_tokens[0] / max(finder.kept_tokens[1], 1)
     write_json(out / "metrics.json", metrics)
     print(format_metrics(metrics))
     print(out / "metrics.json")

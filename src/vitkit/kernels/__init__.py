@@ -228,8 +228,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     if not _fast_dtype(q, k, v):
         return C.attention_stock(q, k, v, attn_mask)
     B, H, N, d = q.shape
-    key = ("attention", q.dtype, _bucket(B * H), _bucket(N), d, 0 if attn_mask is None else attn_mask.shape[-2],
-           torch.get_num_threads())
+    # masked rows: none (0), all (-1: e.g. padded keys, any N shares the class) or EoMT's first R query rows
+    rows = 0 if attn_mask is None else -1 if attn_mask.shape[-2] == N else attn_mask.shape[-2]
+    key = ("attention", q.dtype, _bucket(B * H), _bucket(N), d, rows, torch.get_num_threads())
     impls = C.ATTENTION if key[2] * key[3] ** 2 <= C.BATCHED_MAX else C.ATTENTION_LARGE
     return _dispatch(key, impls, (q, k, v, attn_mask))
 

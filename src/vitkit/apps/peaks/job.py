@@ -311,18 +311,29 @@ def _trainer(cfg, run_dir: Path, model_cfg: dict):
 
 def _evaluate_held_out(p, model, detector, test, run_dir: Path) -> None:
     """Predict the held-out frames with the trained model (``p``: the ``predict`` config) into the run directory,
-    evaluate against their truth and write ``metrics.json``."""
+    evaluate against their truth and write ``metrics.json``. When the run has a sparse-token model and
+    ``predict.sparse`` is off, it is evaluated too (``metrics["sparse"]``: its peak precision, recall, F1 and kept
+    token fraction, so every run says what ``--sparse`` costs on its own held-out frames)."""
+    import tempfile
+
     true_masks, true_peaks, weak = truth_of(test)
     kw = dict(overlap=p.overlap, min_pixels=p.min_pixels, min_snr=p.min_snr, min_peaks=p.min_peaks,
               max_peaks=p.max_peaks, threshold=p.threshold)
-    if p.sparse:
-        finder = PeakFinder.from_run(run_dir, geometry=detector, sparse=True, **kw)
-    else:
-        finder = PeakFinder(model, detector, **kw)
+    sparse = PeakFinder.from_run(run_dir, geometry=detector, sparse=True, **kw) \
+        if (run_dir / "sparse_model").exists() else None
+    finder = sparse if p.sparse else PeakFinder(model, detector, **kw)
     res = predict(finder, test, run_dir, overlays=p.overlays, truth=true_peaks, keep_masks=True)
     metrics = evaluate(res["masks"], res["peaks"], true_masks, true_peaks, radius=p.radius, weak=weak)
     metrics["num_frames"] = len(test)
     if finder.sparse:
         metrics["kept_token_fraction"] = finder.kept_tokens[0] / max(finder.kept_tokens[1], 1)
-    write_json(run_dir / "metrics.json", metrics)
     print("held-out frames:\n" + format_metrics(metrics))
+    if sparse is not None and not p.sparse:
+        with tempfile.TemporaryDirectory() as tmp:
+            res = predict(sparse, test, Path(tmp), overlays=0, keep_masks=True, progress=False)
+        m = evaluate(res["masks"], res["peaks"], true_masks, true_peaks, radius=p.radius, weak=weak)
+        metrics["sparse"] = {k: m[k] for k in ("peak_precision", "peak_recall", "peak_f1")}
+        metrics["sparse"]["kept_token_fraction"] = sparse.kept_tokens[0] / max(sparse.kept_tokens[1], 1)
+        print(f"  sparse-token model (--sparse): peak F1 {m['peak_f1']:.4f} from "
+              f"{metrics['sparse']['kept_token_fraction']:.3f} of the tokens")
+    write_json(run_dir / "metrics.json", metrics)
