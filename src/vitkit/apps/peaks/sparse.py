@@ -136,7 +136,7 @@ def window_masks(model, tiles: torch.Tensor, where: torch.Tensor, shape: tuple[i
     return masks, computed
 
 
-def fine_tune_sparse(model, loader, threshold: float, steps: int = 400, lr: float = 1e-4,
+def fine_tune_sparse(model, loader, threshold: float, steps: int = 800, lr: float = 5e-4,
                      weight_decay: float = 0.05, loss: dict[str, Any] | None = None, log_every: int = 50
                      ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A copy of ``model`` (a trained EoMT, masked attention annealed away) fine-tuned through the sparse path.
