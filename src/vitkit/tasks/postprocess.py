@@ -69,15 +69,21 @@ def semantic_inference(model, images: torch.Tensor, window: tuple[int, int] | No
     return out[..., :H, :W]
 
 
-def token_keep(evidence: torch.Tensor, patch: int, threshold: float) -> torch.Tensor:
-    """Patch tokens ``[n, gh, gw]`` to keep for :meth:`vitkit.EoMT.forward_sparse`: those whose patch, with a
-    1-pixel border, holds evidence above ``threshold``. ``evidence`` ``[n, 1, h + 2, w + 2]`` is a per-pixel map
-    of windows ``h x w`` (e.g. :func:`vitkit.apps.peaks.sparse.spot_evidence`) with a 1-pixel margin of their
-    surroundings (``-inf`` where there are none)."""
+def token_evidence(evidence: torch.Tensor, patch: int) -> torch.Tensor:
+    """Per patch token ``[n, gh, gw]``, the largest evidence in its patch and a 1-pixel border. ``evidence``
+    ``[n, 1, h + 2, w + 2]`` is a per-pixel map of windows ``h x w`` (e.g.
+    :func:`vitkit.apps.peaks.sparse.spot_evidence`) with a 1-pixel margin of their surroundings (``-inf`` where
+    there are none)."""
     h, w = evidence.shape[-2] - 2, evidence.shape[-1] - 2
     gh, gw = -(-h // patch), -(-w // patch)
     e = F.pad(evidence, (0, gw * patch - w, 0, gh * patch - h), value=float("-inf"))
-    return F.max_pool2d(e, patch + 2, stride=patch)[:, 0] > threshold
+    return F.max_pool2d(e, patch + 2, stride=patch)[:, 0]
+
+
+def token_keep(evidence: torch.Tensor, patch: int, threshold: float) -> torch.Tensor:
+    """Patch tokens ``[n, gh, gw]`` to keep for :meth:`vitkit.EoMT.forward_sparse`: those whose
+    :func:`token_evidence` exceeds ``threshold``."""
+    return token_evidence(evidence, patch) > threshold
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from vitkit.errors import ConfigError
-from vitkit.tasks.postprocess import token_keep
+from vitkit.tasks.postprocess import token_evidence, token_keep
 
 __all__ = ["spot_evidence", "fit_threshold", "fine_tune_sparse", "window_masks"]
 
@@ -78,11 +78,9 @@ def _panel_tokens(finder, shots) -> tuple[torch.Tensor, torch.Tensor]:
         good = item.get("good")
         g = finder._good(ev, None if good is None else np.asarray(good, dtype=bool).reshape(ev.shape))
         x = finder.model_input(ev, g)
-        e = F.pad(spot_evidence(x), (1, 1, 1, 1), value=float("-inf"))
+        evidence.append(token_evidence(F.pad(spot_evidence(x), (1, 1, 1, 1), value=float("-inf")), p).flatten())
         h, w = x.shape[-2:]
         gh, gw = -(-h // p), -(-w // p)
-        e = F.pad(e, (0, gw * p - w, 0, gh * p - h), value=float("-inf"))
-        evidence.append(F.max_pool2d(e, p + 2, stride=p).flatten())
         m = torch.from_numpy(finder._masks(ev, g)).reshape(-1, 1, h, w).float()
         positive.append(F.max_pool2d(F.pad(m, (0, gw * p - w, 0, gh * p - h)), p).flatten() > 0)
     return torch.cat(evidence), torch.cat(positive)
