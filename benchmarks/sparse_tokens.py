@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             m, t = f.find(ev, good)
             masks.append(m[0])
             tables.extend(t)
-        kept = None if not f.sparse else f.kept_tokens[0] / max(f.kept_tokens[1], 1)
+        kept = f.kept_token_fraction
         met = evaluate(masks, tables, true_masks, true_peaks, radius=2.0, weak=weak)
         rows[name] = {"peak_f1": met["peak_f1"], "peak_precision": met["peak_precision"],
                       "peak_recall": met["peak_recall"], "kept_token_fraction": kept}

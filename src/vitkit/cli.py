@@ -193,7 +193,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate(res["masks"], res["peaks"], true_masks, true_peaks, radius=args.radius, weak=weak)
     metrics["num_frames"] = len(events)
     if finder.sparse:
-        metrics["kept_token_fraction"] = finder.kept_tokens[0] / max(finder.kept_tokens[1], 1)
+        metrics["kept_token_fraction"] = finder.kept_token_fraction
     write_json(out / "metrics.json", metrics)
     print(format_metrics(metrics))
     print(out / "metrics.json")

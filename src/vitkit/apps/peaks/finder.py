@@ -464,6 +464,11 @@ class PeakFinder:
         """Whether this finder runs sparse-token inference (``sparse_threshold`` set)."""
         return self.sparse_threshold is not None
 
+    @property
+    def kept_token_fraction(self) -> float | None:
+        """Share of the patch tokens the sparse path computed over the finder's life (None: a dense finder)."""
+        return self.kept_tokens[0] / max(self.kept_tokens[1], 1) if self.sparse else None
+
     @classmethod
     def from_run(cls, run: str | os.PathLike, geometry=None, mask=None, bf16: bool = False, sparse: bool = False,
                  **kwargs: Any) -> PeakFinder:

@@ -326,14 +326,14 @@ def _evaluate_held_out(p, model, detector, test, run_dir: Path) -> None:
     metrics = evaluate(res["masks"], res["peaks"], true_masks, true_peaks, radius=p.radius, weak=weak)
     metrics["num_frames"] = len(test)
     if finder.sparse:
-        metrics["kept_token_fraction"] = finder.kept_tokens[0] / max(finder.kept_tokens[1], 1)
+        metrics["kept_token_fraction"] = finder.kept_token_fraction
     print("held-out frames:\n" + format_metrics(metrics))
     if sparse is not None and not p.sparse:
         with tempfile.TemporaryDirectory() as tmp:
             res = predict(sparse, test, Path(tmp), overlays=0, keep_masks=True, progress=False)
         m = evaluate(res["masks"], res["peaks"], true_masks, true_peaks, radius=p.radius, weak=weak)
         metrics["sparse"] = {k: m[k] for k in ("peak_precision", "peak_recall", "peak_f1")}
-        metrics["sparse"]["kept_token_fraction"] = sparse.kept_tokens[0] / max(sparse.kept_tokens[1], 1)
+        metrics["sparse"]["kept_token_fraction"] = sparse.kept_token_fraction
         print(f"  sparse-token model (--sparse): peak F1 {m['peak_f1']:.4f} from "
               f"{metrics['sparse']['kept_token_fraction']:.3f} of the tokens")
     write_json(run_dir / "metrics.json", metrics)
