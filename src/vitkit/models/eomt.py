@@ -239,6 +239,13 @@ class EoMT(nn.Module):
         return mask[:, None]
 
     # ------------------------------------------------------------------------------------- forward
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with the model's input normalisation applied (unchanged when it has none)."""
+        if self.pixel_mean is None:
+            return x
+        self.encoder.check_input(x)
+        return (x - self.pixel_mean) / self.pixel_std
+
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Args:
             x: images [B, in_chans, H, W] (any size the backbone accepts).
@@ -247,9 +254,7 @@ class EoMT(nn.Module):
             ``(mask_logits_per_layer, class_logits_per_layer)``; the last entries are the final prediction.
         """
         enc = self.encoder
-        if self.pixel_mean is not None:
-            enc.check_input(x)
-            x = (x - self.pixel_mean) / self.pixel_std
+        x = self.normalise(x)
         tokens, grid = enc.prepare_tokens(x)
         out_size = self.mask_size(x.shape[-2], x.shape[-1])
         rope = enc.rope(grid)
@@ -300,9 +305,7 @@ class EoMT(nn.Module):
             raise ConfigError("forward_sparse needs masked attention annealed away (attn_mask_probs all 0), as "
                               "after training")
         enc = self.encoder
-        if self.pixel_mean is not None:
-            enc.check_input(x)
-            x = (x - self.pixel_mean) / self.pixel_std
+        x = self.normalise(x)
         B = x.shape[0]
         keep = keep.to(device=x.device, dtype=torch.bool)
         counts = keep.flatten(1).sum(1)
