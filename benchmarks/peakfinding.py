@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--calib", type=int, default=8, help="calibration shots for tuning peakfinder8 (default 8)")
     ap.add_argument("--out", type=Path, default=Path("peakfinding_out"), help="output directory (JSON, DIALS files)")
     ap.add_argument("--run", type=Path, default=None, help="a trained vitkit run directory (PeakFinder.from_run)")
+    ap.add_argument("--model", choices=("auto", "dense", "sparse"), default="auto",
+                    help="the run's model: auto = what `vitkit predict` runs without --dense/--sparse (default)")
     ap.add_argument("--radius", type=float, default=2.0, help="peak matching radius, px (default 2.0, as vitkit "
                                                                "evaluate)")
     ap.add_argument("--grid", choices=sorted(GRIDS), default="default", help="peakfinder8 tuning grid")
@@ -252,19 +254,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("vitkit PeakFinder skipped: pass --run RUN_DIR (a `vitkit train` run) to measure it")
     else:
         try:
-            from vitkit.apps.peaks.finder import PeakFinder
+            from vitkit.apps.peaks.finder import PeakFinder, choose_sparse
 
-            finder = PeakFinder.from_run(args.run, geometry=det, mask=good)
+            sparse, why = choose_sparse(args.run, {"auto": None, "dense": False, "sparse": True}[args.model])
+            print(f"vitkit PeakFinder: {why}")
+            finder = PeakFinder.from_run(args.run, geometry=det, mask=good, sparse=sparse)
         except Exception as e:  # noqa: BLE001 - report why and go on with the others
             finders["vitkit"] = {"status": f"skipped: cannot load {args.run}: {type(e).__name__}: {e}"}
             print(f"vitkit PeakFinder skipped: cannot load {args.run}: {type(e).__name__}: {e}")
         else:
             finder(events[0][None])  # warm-up
             res, timing = time_finder(lambda ev: finder(ev[None])[0], events, reps=args.reps)
-            finders["vitkit"] = {"status": "ok", "run": str(args.run), "timing": timing}
+            finders["vitkit"] = {"status": "ok", "run": str(args.run), "model": why, "timing": timing}
             found["vitkit"] = res
             if hot_good is not None:
-                finder_h = PeakFinder.from_run(args.run, geometry=det, mask=hot_good)
+                finder_h = PeakFinder.from_run(args.run, geometry=det, mask=hot_good, sparse=sparse)
                 res, timing = time_finder(lambda ev: finder_h(ev[None])[0], events, reps=args.reps)
                 finders["vitkit + hot mask"] = {"status": "ok", "run": str(args.run), "timing": timing}
                 found["vitkit + hot mask"] = res

@@ -1,12 +1,12 @@
 """Sparse-token EoMT against dense EoMT on the peaks app's held-out shots: speed at batch 1 and peak F1.
 
     python benchmarks/sparse_tokens.py --run runs/<main job run>            # 24 held-out shots, 3 timed rounds
-    python benchmarks/sparse_tokens.py --run RUN --shots 8 --reps 2 --bf16  # and the dense model in bfloat16
+    python benchmarks/sparse_tokens.py --run RUN --shots 8 --reps 2 --bf16  # and both models in bfloat16
 
 The run is a ``vitkit train`` run: its model (dense), and its sparse-token model and threshold (``sparse_model/``,
 ``sparse.json``: :mod:`vitkit.apps.peaks.sparse`). Rows: dense; the sparse finder (``vitkit predict --sparse``);
 the same kept tokens through the *dense* model (what the fine-tune adds); both at window overlap 0 (what the
-overlap costs); optionally the dense model with bfloat16 weights; and the floor, the sparse finder keeping no
+overlap costs); optionally both models with bfloat16 weights; and the floor, the sparse finder keeping no
 token (normalisation, lone pixels, spot evidence, extraction of nothing). Every finder is
 :class:`~vitkit.apps.peaks.finder.PeakFinder` with the same extraction rules, fed one whole epix10k2M event at a
 time (batch 1, end to end).
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--shots", type=int, default=24, help="held-out shots (default 24: the main job's test split)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--reps", type=int, default=3, help="timed rounds (default 3; one warm-up round)")
-    ap.add_argument("--bf16", action="store_true", help="also time the dense finder with bfloat16 weights "
+    ap.add_argument("--bf16", action="store_true", help="also time both finders with bfloat16 weights "
                     "(vitkit predict --bf16)")
     ap.add_argument("--out", type=Path, default=Path("sparse_out"), help="output directory for the JSON")
     args = ap.parse_args(argv)
@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dense, overlap 0": PeakFinder(model, det, overlap=0.0),
         "sparse, overlap 0": PeakFinder(sparse_model, det, sparse_threshold=threshold, overlap=0.0),
     }
-    if args.bf16:  # the other inference speed-up, for comparison: dense with the weights in bfloat16
+    if args.bf16:  # the other inference speed-up: the weights in bfloat16 (vitkit predict --bf16, either model)
         finders["dense bf16"] = PeakFinder(load_model(args.run, bf16=True), det)
+        finders["sparse bf16"] = PeakFinder(load_model(sparse_dir, bf16=True), det, sparse_threshold=threshold)
     finders["floor (no token kept)"] = PeakFinder(sparse_model, det, sparse_threshold=float("inf"))
 
     rows: dict[str, dict[str, Any]] = {}

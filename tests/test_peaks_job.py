@@ -169,7 +169,7 @@ def test_predict_and_evaluate_on_single_frames_of_any_size(trained_run, tmp_path
 
     out_z = tmp_path / "pz"
     res = run_cli("predict", str(run), str(tmp_path / "frames.zarr"), "--out", str(out_z), "--overlays", "1",
-                  "--min-pixels", "1")
+                  "--min-pixels", "1", "--dense")  # a checkpoint file is that (dense) model
     assert res.returncode == 0, res.stderr[-3000:]
     res = run_cli("predict", str(run / "checkpoints" / "last.ckpt"), str(tmp_path / "frames.npy"),
                   "--out", str(tmp_path / "pn"), "--min-pixels", "1")
@@ -365,7 +365,9 @@ def test_evaluate_defaults_to_the_runs_held_out_frames(trained_run, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     want = json.loads((run / "metrics.json").read_text())
-    assert got == want  # same model, same held-out synthetic frames as the end of `vitkit train`
+    # same model (the run's default, which `vitkit train` kept the predictions of), same held-out synthetic frames;
+    # the job's metrics also hold the other model's scores when the run has both
+    assert got == {k: v for k, v in want.items() if k not in ("dense", "sparse")}
 
 
 def test_readme_event_loop_example_runs_as_written(trained_run, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import vitkit
-from vitkit.apps.peaks.finder import PeakFinder, sparse_of_run
+from vitkit.apps.peaks.finder import PeakFinder, choose_sparse, sparse_of_run
 from vitkit.apps.peaks.lattice import LatticeStillsDataset
 from vitkit.apps.peaks.sparse import fine_tune_sparse, fit_threshold, spot_evidence, window_masks
 from vitkit.errors import CheckpointError, CheckpointNotFoundError, ConfigError
@@ -158,4 +158,35 @@ def test_a_runs_sparse_model_and_threshold(tmp_path):
     assert sparse_of_run(run) == (run / "sparse_model", 0.75)
     finder = PeakFinder.from_run(run, sparse=True, min_pixels=1)
     assert finder.sparse and finder.sparse_threshold == 0.75 and finder.min_pixels == 1
-    assert not PeakFinder.from_run(run).sparse
+    # no held-out comparison (a run from before it was made): the dense model unless asked
+    assert not PeakFinder.from_run(run).sparse and not PeakFinder.from_run(run, sparse=False).sparse
+    assert "no held-out comparison" in choose_sparse(run)[1]
+
+
+@pytest.mark.parametrize("sparse_f1, device, default", [(0.955, "cpu", True), (0.940, "cpu", False),
+                                                        (0.955, "cuda", False), (0.970, "cuda:1", False)])
+def test_the_sparse_model_is_the_default_where_it_held_the_accuracy(tmp_path, sparse_f1, device, default):
+    """`vitkit train` records in sparse.json whether the sparse-token model held the accuracy on the held-out shots
+    (peak F1 within max_f1_drop of the dense model's); without --sparse/--dense that decides, on a CPU only."""
+    run = tmp_path / "run"
+    _model(seed=4).save_pretrained(run / "model")
+    _model(seed=5).save_pretrained(run / "sparse_model")
+    held = {"frames": 24, "dense_peak_f1": 0.961, "sparse_peak_f1": sparse_f1, "max_f1_drop": 0.01,
+            "default": sparse_f1 >= 0.961 - 0.01}
+    (run / "sparse.json").write_text(json.dumps({"threshold": 0.75, "held_out": held}))
+    use, why = choose_sparse(run, None, device)
+    assert use is default
+    assert (f"F1 {sparse_f1:.4f} vs dense 0.9610" in why) and ("--dense" if use else "--sparse") in why
+    assert choose_sparse(run, True, device)[0] and not choose_sparse(run, False, device)[0]  # the flags decide
+    if device == "cpu":
+        finder = PeakFinder.from_run(run)
+        assert finder.sparse is default and (finder.sparse_threshold == 0.75) is default
+        sparse_q = vitkit.EoMT.from_pretrained(run / "sparse_model").q.weight
+        assert torch.equal(finder.model.q.weight, sparse_q) is default  # the sparse run loads the sparse model
+    assert not choose_sparse(tmp_path / "no-run")[0]
+
+
+def test_a_malformed_held_out_record_names_the_file(tmp_path):
+    (tmp_path / "sparse.json").write_text(json.dumps({"threshold": 0.75, "held_out": {"default": "yes"}}))
+    with pytest.raises(CheckpointError, match=r"sparse\.json: 'held_out' needs 'default' \(true or false\)"):
+        choose_sparse(tmp_path)

@@ -207,7 +207,7 @@ def test_overlap_sets_the_sliding_windows(learned_run, data, tmp_path, capsys, m
     for ov in ("0", "0.5"):
         seen.clear()
         predict(capsys, learned_run, str(data["dir"] / "frames.npy"), "--out", str(tmp_path / ov), "--overlays", "0",
-                "--overlap", ov)
+                "--overlap", ov, "--dense")  # every window (the sparse path skips those without a kept token)
         windows[ov] = sum(seen)
     assert windows == {"0": N * 4 * 4, "0.5": N * 7 * 7}
 
@@ -320,10 +320,12 @@ def test_sparse_predicts_with_the_runs_sparse_model(learned_run, data, tmp_path,
     assert stats["recall"] >= 0.99 and 0 < stats["kept_fraction"] < 1 and stats["fine_tune"]["steps"] == 40
     assert (learned_run / "sparse_model" / "model.safetensors").exists()
     frames = str(data["dir"] / "frames.npy")
-    predict(capsys, learned_run, frames, "--out", str(tmp_path / "d"), "--overlays", "0")
-    predict(capsys, learned_run, frames, "--out", str(tmp_path / "s"), "--overlays", "0", "--sparse")
+    predict(capsys, learned_run, frames, "--out", str(tmp_path / "d"), "--overlays", "0", "--dense")
+    res = predict(capsys, learned_run, frames, "--out", str(tmp_path / "s"), "--overlays", "0", "--sparse")
+    assert "model: sparse-token model (--sparse)" in res.stdout
     dense, sparse = csv_tables(tmp_path / "d"), csv_tables(tmp_path / "s")
     assert same_peaks(sparse, library(learned_run, data["frames"], sparse=True))
+    assert same_peaks(dense, library(learned_run, data["frames"], sparse=False))
     found = sum(match_peaks(np.c_[s["ss"], s["fs"]], np.c_[d["ss"], d["fs"]], 1.0)[0] for d, s in zip(dense, sparse))
     n = sum(len(d) for d in dense)
     assert n > 20 and found >= 0.9 * n, (found, n)
@@ -331,12 +333,49 @@ def test_sparse_predicts_with_the_runs_sparse_model(learned_run, data, tmp_path,
     f(data["frames"][:1])
     assert 0 < f.kept_tokens[0] < f.kept_tokens[1]
     # `vitkit train` evaluated the sparse model beside the dense one; `vitkit evaluate --sparse` says the same
-    reported = json.loads((learned_run / "metrics.json").read_text())["sparse"]
+    metrics = json.loads((learned_run / "metrics.json").read_text())
+    reported = metrics["sparse"] if metrics["model"] == "dense" else \
+        {k: metrics[k] for k in ("peak_precision", "peak_recall", "peak_f1", "kept_token_fraction")}
     assert 0 < reported["peak_f1"] <= 1 and 0 < reported["kept_token_fraction"] < 1
     res = cli_here(capsys, "evaluate", str(learned_run), "--sparse", "--out", str(tmp_path / "ev"))
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert {k: got[k] for k in reported} == pytest.approx(reported)
+    assert {k: got[k] for k in reported} == pytest.approx(reported) and got["model"] == "sparse"
+
+
+def test_without_a_flag_the_run_decides_dense_or_sparse(learned_run, data, tmp_path, capsys):
+    """`vitkit train` compared the two models on its held-out shots and wrote the verdict into sparse.json; without
+    --sparse or --dense, `vitkit predict` runs the model it chose and says which and why."""
+    import json
+
+    metrics = json.loads((learned_run / "metrics.json").read_text())
+    held = json.loads((learned_run / "sparse.json").read_text())["held_out"]
+    assert held["max_f1_drop"] == 0.01 and held["default"] is (held["sparse_peak_f1"] >= held["dense_peak_f1"] - 0.01)
+    # the run directory's predictions and scores are the default model's, the other's scores beside them
+    chosen, other = ("sparse", "dense") if held["default"] else ("dense", "sparse")
+    assert metrics["model"] == chosen and held["frames"] == metrics["num_frames"] and "peak_f1" in metrics[other]
+    assert held[f"{chosen}_peak_f1"] == metrics["peak_f1"] and held[f"{other}_peak_f1"] == metrics[other]["peak_f1"]
+    frames = str(data["dir"] / "frames.npy")
+    flag = "--sparse" if held["default"] else "--dense"
+    res = predict(capsys, learned_run, frames, "--out", str(tmp_path / "a"), "--overlays", "0")
+    assert f"held-out peak F1 {held['sparse_peak_f1']:.4f} vs dense {held['dense_peak_f1']:.4f}" in res.stdout
+    predict(capsys, learned_run, frames, "--out", str(tmp_path / "f"), "--overlays", "0", flag)
+    assert same_peaks(csv_tables(tmp_path / "a"), csv_tables(tmp_path / "f"))
+    # the other verdict, written by hand: the default follows it
+    stats = learned_run / "sparse.json"
+    saved = stats.read_text()
+    try:
+        stats.write_text(json.dumps({**json.loads(saved), "held_out": {**held, "default": not held["default"]}}))
+        res = predict(capsys, learned_run, frames, "--out", str(tmp_path / "b"), "--overlays", "0")
+        assert ("sparse-token model (held-out" in res.stdout) is (not held["default"])
+        other = "--dense" if held["default"] else "--sparse"
+        predict(capsys, learned_run, frames, "--out", str(tmp_path / "o"), "--overlays", "0", other)
+        assert same_peaks(csv_tables(tmp_path / "b"), csv_tables(tmp_path / "o"))
+    finally:
+        stats.write_text(saved)
+    with pytest.raises(SystemExit) as exit_:
+        cli_here(capsys, "predict", str(learned_run), frames, "--sparse", "--dense")
+    assert exit_.value.code == 2 and "--dense: not allowed with argument --sparse" in capsys.readouterr().err
 
 
 def test_bf16_predicts_with_a_bfloat16_model(learned_run, data, tmp_path, capsys, monkeypatch):

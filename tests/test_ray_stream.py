@@ -140,12 +140,12 @@ def model_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(model_run, tmp_path_factory):
-    """What `vitkit predict` writes for the synthetic frames."""
-    from vitkit.apps.peaks.job import PeakFinder, load_model, predict
+    """What `vitkit predict` writes for the synthetic frames (the run's default model, as the stream's)."""
+    from vitkit.apps.peaks.job import PeakFinder, predict
 
     out = tmp_path_factory.mktemp("predict")
     frames = SyntheticPeakDataset(N, SynthConfig(shape=SHAPE), seed=SEED)
-    predict(PeakFinder(load_model(model_run)), frames, out, overlays=0, progress=False)
+    predict(PeakFinder.from_run(model_run), frames, out, overlays=0, progress=False)
     peaks = read_cxi_peaks(out / "peaks.cxi")
     assert sum(len(p) for p in peaks) > 150, "the model should find peaks for the comparison to mean something"
     return peaks
@@ -206,6 +206,9 @@ def test_stream_equals_predict_with_two_actors_and_a_frame_cap(model_run, refere
     assert_same_peaks(s, reference)
     assert s["frames_written"] == s["rows"] == N and s["peaks"] == sum(len(p) for p in reference)
     assert all(a["batches"] > 0 for a in s["actors"]), s["actors"]  # both actors worked
+    from vitkit.apps.peaks.finder import choose_sparse
+
+    assert s["model"] == ("sparse" if choose_sparse(model_run)[0] else "dense")  # what vitkit predict runs
     # backpressure: the cap is reached (the source is faster than the model) and never exceeded
     assert s["max_frames_in_flight_seen"] == cap
     assert s["max_queue_depths"]["batches_per_actor"] <= 2 and s["max_queue_depths"]["peak_calls"] <= 2
@@ -378,6 +381,7 @@ def test_actor_finder_is_predicts_finder_and_bf16_stays_close(model_run, tmp_pat
     # model.sparse: the template carries the run's sparse threshold, the actor loads the run's sparse model
     from vitkit.apps.peaks.finder import sparse_of_run
 
+    assert stream_cfg(model_run, "o").model.sparse is None  # the default: as vitkit predict decides
     assert stream_cfg(model_run, "o", "model.sparse=true").model.sparse is True
     model_dir, threshold = sparse_of_run(model_run)
     sparse_template = PeakFinder(None, sparse_threshold=threshold)
@@ -406,12 +410,12 @@ def test_cli_streams_a_zarr_file_survives_ray_kill_of_its_only_actor_and_owns_it
     """`vitkit stream` end to end: zarr source, progress lines, summary JSON, a Ray it starts and shuts down, and
     `ray.kill(actor, no_restart=False)` of its only actor: batches wait for the restart and are re-run."""
     import stream_faults
-    from vitkit.apps.peaks.job import PeakFinder, load_model, predict
+    from vitkit.apps.peaks.job import PeakFinder, predict
 
     ds = SyntheticPeakDataset(12, SynthConfig(shape=SHAPE), seed=SEED + 1)
     frames = np.stack([ds[i]["image"].numpy()[0] for i in range(12)])
     write_zarr(tmp_path / "frames.zarr", frames)
-    predict(PeakFinder(load_model(model_run)), frames, tmp_path / "pred", overlays=0, progress=False)
+    predict(PeakFinder.from_run(model_run), frames, tmp_path / "pred", overlays=0, progress=False)
     out = tmp_path / "out"
     res = run_cli("stream", "default", f"model.checkpoint={model_run}", "source.kind=files",
                   f"source.path={tmp_path / 'frames.zarr'}", f"output.dir={out}", "ray.num_cpus=2",

@@ -108,7 +108,7 @@ def _open_inputs(args: argparse.Namespace, finder) -> object:
 
 
 def _finder(args: argparse.Namespace):
-    from vitkit.apps.peaks.finder import PeakFinder
+    from vitkit.apps.peaks.finder import PeakFinder, choose_sparse
 
     kw = dict(overlap=args.overlap)
     if args.threshold is not None:
@@ -119,8 +119,9 @@ def _finder(args: argparse.Namespace):
         kw.update(min_peaks=args.min_peaks, max_peaks=args.max_peaks)
         if args.min_pixels is not None:
             kw["min_pixels"] = args.min_pixels
-    finder = PeakFinder.from_run(args.checkpoint, geometry=args.geometry, bf16=args.bf16, sparse=args.sparse,
-                                  **kw)
+    sparse, why = choose_sparse(args.checkpoint, args.sparse)
+    print(f"model: {why}")
+    finder = PeakFinder.from_run(args.checkpoint, geometry=args.geometry, bf16=args.bf16, sparse=sparse, **kw)
     if args.mask:
         if finder.detector is None:
             from vitkit.errors import InputError
@@ -191,7 +192,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     res = predict(finder, events, out, overlays=0, keep_masks=True)
     metrics = evaluate(res["masks"], res["peaks"], true_masks, true_peaks, radius=args.radius, weak=weak)
-    metrics["num_frames"] = len(events)
+    metrics.update(model="sparse" if finder.sparse else "dense", num_frames=len(events))
     if finder.sparse:
         metrics["kept_token_fraction"] = finder.kept_token_fraction
     write_json(out / "metrics.json", metrics)
@@ -306,8 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--min-snr", type=float, help="smallest photometric SNR of a peak against its local "
                                                      "background and along lines through it (default 5.5; 0: "
                                                      "no test)")
-        p.add_argument("--sparse", action="store_true", help="sparse-token inference: only patch tokens with a bright "
-                       "spot go through the model, the run's sparse-token model (sparse_model/, sparse.json)")
+        which = p.add_mutually_exclusive_group()
+        which.add_argument("--sparse", dest="sparse", action="store_const", const=True, default=None,
+                           help="sparse-token inference: only patch tokens with a bright spot go through the model, "
+                                "the run's sparse-token model (sparse_model/, sparse.json). Default: used when `vitkit "
+                                "train` found it held the accuracy on the run's held-out shots (peak F1 within "
+                                "sparse.max_f1_drop of the dense model's; sparse.json: held_out)")
+        which.add_argument("--dense", dest="sparse", action="store_const", const=False,
+                           help="the run's dense model (every patch token), even where --sparse is the default")
         p.add_argument("--bf16", action="store_true", help="model weights in bfloat16, cast once (as vitkit stream's "
                        "model.bf16): faster on CPUs with AVX512-BF16 or AMX and on GPUs, slower on CPUs without; "
                        "masks differ slightly from fp32")

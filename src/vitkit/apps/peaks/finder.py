@@ -104,6 +104,35 @@ def sparse_of_run(run: str | Path) -> tuple[Path, float]:
     return model_dir, float(threshold)
 
 
+def choose_sparse(run: str | Path, sparse: bool | None = None, device: str | torch.device = "cpu"
+                  ) -> tuple[bool, str]:
+    """``(use the run's sparse-token model, why)``: what ``vitkit predict``/``evaluate``, the stream and
+    :meth:`PeakFinder.from_run` run. ``sparse`` True or False is the caller's choice (``--sparse`` / ``--dense``);
+    None decides by the run's own evidence: the sparse-token model when ``vitkit train`` found it held the accuracy
+    on the run's held-out frames (``sparse.json``'s ``default``: its peak F1 within ``sparse.max_f1_drop`` of the
+    dense model's) and the model runs on a CPU. On a GPU the dense path is the default: the sparse path's many small
+    kernels are not faster there until captured in a CUDA graph (docs/gpu.md)."""
+    if sparse is not None:
+        return bool(sparse), "sparse-token model (--sparse)" if sparse else "dense model (--dense)"
+    stats = Path(run) / "sparse.json"
+    if not stats.is_file():
+        return False, "dense model (the run has no sparse-token model)"
+    held = read_json(stats).get("held_out")
+    if held is None:
+        return False, (f"dense model ({stats} has no held-out comparison: a run from before sparse-token models were "
+                       "checked, or one without held-out frames; --sparse uses it anyway)")
+    if not (isinstance(held, dict) and isinstance(held.get("default"), bool)
+            and all(isinstance(held.get(k), (int, float)) for k in ("dense_peak_f1", "sparse_peak_f1"))):
+        raise CheckpointError(f"{stats}: 'held_out' needs 'default' (true or false), 'dense_peak_f1' and "
+                              f"'sparse_peak_f1' (numbers); found {held!r}")
+    f1 = f"held-out peak F1 {held['sparse_peak_f1']:.4f} vs dense {held['dense_peak_f1']:.4f}"
+    if not held["default"]:
+        return False, f"dense model (the sparse-token model lost accuracy: {f1}; --sparse uses it anyway)"
+    if torch.device(device).type != "cpu":
+        return False, f"dense model (on {device}; --sparse for the sparse-token model, {f1})"
+    return True, f"sparse-token model ({f1}; --dense for the dense model)"
+
+
 def run_geometry(checkpoint: str | Path) -> Path | None:
     """The ``detector.geom`` a training run wrote beside its checkpoints (None if it has none)."""
     path = Path(checkpoint)
@@ -470,14 +499,15 @@ class PeakFinder:
         return self.kept_tokens[0] / max(self.kept_tokens[1], 1) if self.sparse else None
 
     @classmethod
-    def from_run(cls, run: str | os.PathLike, geometry=None, mask=None, bf16: bool = False, sparse: bool = False,
-                 **kwargs: Any) -> PeakFinder:
+    def from_run(cls, run: str | os.PathLike, geometry=None, mask=None, bf16: bool = False,
+                 sparse: bool | None = None, **kwargs: Any) -> PeakFinder:
         """A finder from a ``vitkit train`` run (directory, ``.ckpt`` or exported model). ``geometry``
         defaults to the run's ``detector.geom``; ``bf16``: the model in bfloat16 (:func:`load_model`);
-        ``sparse``: the run's sparse-token model and threshold (:func:`sparse_of_run`) instead of its model."""
+        ``sparse``: True, the run's sparse-token model and threshold (:func:`sparse_of_run`) instead of its model;
+        False, its dense model; None, as :func:`choose_sparse` decides from the run's held-out comparison."""
         if geometry is None:
             geometry = run_geometry(run)
-        if sparse:
+        if choose_sparse(run, sparse, kwargs.get("device", "cpu"))[0]:
             model_dir, kwargs["sparse_threshold"] = sparse_of_run(run)
             return cls(load_model(model_dir, bf16), geometry, mask, **kwargs)
         return cls(load_model(run, bf16), geometry, mask, **kwargs)

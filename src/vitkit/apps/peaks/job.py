@@ -14,6 +14,7 @@ from vitkit.apps.compose import compose
 from vitkit.apps.peaks.finder import MODEL_CONFIG_KEY, PeakFinder, load_model
 from vitkit.atomic import write_json, write_text
 from vitkit.errors import ConfigError
+from vitkit.weights.io import read_json
 
 __all__ = ["compose", "train", "predict", "evaluate", "truth_of", "load_model", "PeakFinder",
            "format_metrics", "write_json", "event_of", "MODEL_CONFIG_KEY"]
@@ -215,7 +216,7 @@ def train(cfg) -> Path:
             model.save_pretrained(run_dir / "model")
             test = data.frames("test")
             if test is not None:
-                _evaluate_held_out(cfg.predict, model, data.detector, test, run_dir)
+                _evaluate_held_out(cfg.predict, cfg.sparse.max_f1_drop, model, data.detector, test, run_dir)
     finally:
         _leave_together()
     return run_dir
@@ -309,31 +310,48 @@ def _trainer(cfg, run_dir: Path, model_cfg: dict):
     return trainer
 
 
-def _evaluate_held_out(p, model, detector, test, run_dir: Path) -> None:
-    """Predict the held-out frames with the trained model (``p``: the ``predict`` config) into the run directory,
-    evaluate against their truth and write ``metrics.json``. When the run has a sparse-token model and
-    ``predict.sparse`` is off, it is evaluated too (``metrics["sparse"]``: its peak precision, recall, F1 and kept
-    token fraction, so every run says what ``--sparse`` costs on its own held-out frames)."""
+def _evaluate_held_out(p, max_f1_drop: float, model, detector, test, run_dir: Path) -> None:
+    """Predict the held-out frames with the trained model (``p``: the ``predict`` config) and, when the run has one,
+    its sparse-token model; evaluate both against their truth. ``sparse.json`` records whether the sparse-token model
+    held the accuracy (peak F1 at most ``max_f1_drop`` below the dense model's), which makes it the default of
+    ``vitkit predict`` and the stream on a CPU (:func:`~vitkit.apps.peaks.finder.choose_sparse`). The run directory
+    gets the predictions (``peaks.cxi``, ``peaks.csv``, overlays) of the model that default picks (or
+    ``predict.sparse``'s: true or false), ``metrics.json`` its scores, ``model`` which one it is, and under
+    ``"dense"``/``"sparse"`` the other model's peak precision, recall, F1 (and kept token fraction)."""
     import tempfile
+
+    from vitkit.apps.peaks.finder import choose_sparse
 
     true_masks, true_peaks, weak = truth_of(test)
     kw = dict(overlap=p.overlap, min_pixels=p.min_pixels, min_snr=p.min_snr, min_peaks=p.min_peaks,
               max_peaks=p.max_peaks, threshold=p.threshold)
-    sparse = PeakFinder.from_run(run_dir, geometry=detector, sparse=True, **kw) \
-        if (run_dir / "sparse_model").exists() else None
-    finder = sparse if p.sparse else PeakFinder(model, detector, **kw)
-    res = predict(finder, test, run_dir, overlays=p.overlays, truth=true_peaks, keep_masks=True)
-    metrics = evaluate(res["masks"], res["peaks"], true_masks, true_peaks, radius=p.radius, weak=weak)
-    metrics["num_frames"] = len(test)
-    if finder.sparse:
-        metrics["kept_token_fraction"] = finder.kept_token_fraction
-    print("held-out frames:\n" + format_metrics(metrics))
-    if sparse is not None and not p.sparse:
-        with tempfile.TemporaryDirectory() as tmp:
-            res = predict(sparse, test, Path(tmp), overlays=0, keep_masks=True, progress=False)
-        m = evaluate(res["masks"], res["peaks"], true_masks, true_peaks, radius=p.radius, weak=weak)
-        metrics["sparse"] = {k: m[k] for k in ("peak_precision", "peak_recall", "peak_f1")}
-        metrics["sparse"]["kept_token_fraction"] = sparse.kept_token_fraction
-        print(f"  sparse-token model (--sparse): peak F1 {m['peak_f1']:.4f} from "
-              f"{metrics['sparse']['kept_token_fraction']:.3f} of the tokens")
+    finders = {"dense": PeakFinder(model, detector, **kw)}
+    if (run_dir / "sparse_model").exists():
+        finders["sparse"] = PeakFinder.from_run(run_dir, geometry=detector, sparse=True, **kw)
+    elif p.sparse:
+        raise ConfigError(f"predict.sparse: {run_dir} has no sparse-token model (sparse.fit off, or no calibration "
+                          "shots)")
+    scores = {}
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".held-out-") as tmp:
+        for name, finder in finders.items():
+            res = predict(finder, test, Path(tmp) / name, overlays=p.overlays, truth=true_peaks, keep_masks=True)
+            scores[name] = evaluate(res["masks"], res["peaks"], true_masks, true_peaks, radius=p.radius, weak=weak)
+            if finder.sparse:
+                scores[name]["kept_token_fraction"] = finder.kept_token_fraction
+        if "sparse" in scores:
+            f1 = {n: float(m["peak_f1"]) for n, m in scores.items()}
+            held = {"frames": len(test), "dense_peak_f1": f1["dense"], "sparse_peak_f1": f1["sparse"],
+                    "max_f1_drop": max_f1_drop, "default": bool(f1["sparse"] >= f1["dense"] - max_f1_drop)}
+            write_json(run_dir / "sparse.json", {**read_json(run_dir / "sparse.json"), "held_out": held})
+        chosen, why = choose_sparse(run_dir, p.sparse)
+        chosen = "sparse" if chosen else "dense"
+        for f in (Path(tmp) / chosen).iterdir():
+            os.replace(f, run_dir / f.name)
+    metrics = dict(scores[chosen], model=chosen, num_frames=len(test))
+    print(f"held-out frames, {why}:\n" + format_metrics(metrics))
+    for name, m in scores.items():
+        if name != chosen:
+            metrics[name] = {k: m[k] for k in ("peak_precision", "peak_recall", "peak_f1", "kept_token_fraction")
+                             if k in m}
+            print(f"  the {name} model (--{name}): peak F1 {m['peak_f1']:.4f}")
     write_json(run_dir / "metrics.json", metrics)

@@ -109,8 +109,10 @@ class ModelConfig:
     """Weights in bfloat16, cast once (``cast_for_inference``); results then differ slightly from fp32 predict."""
     overlap: float = 0.25
     """Sliding-window overlap (as ``vitkit predict --overlap``)."""
-    sparse: bool = False
-    """Sparse-token EoMT (as ``vitkit predict --sparse``): the run's ``sparse_model/`` and ``sparse.json`` threshold."""
+    sparse: bool | None = None
+    """Sparse-token EoMT: true, the run's ``sparse_model/`` and ``sparse.json`` threshold (``vitkit predict
+    --sparse``); false, its dense model (``--dense``); null, as ``vitkit predict`` decides without either flag (the
+    sparse-token model where it held the accuracy on the run's held-out shots and the actors run on a CPU)."""
     batch_size: int = 4
     """Frames per batch sent to one actor call."""
     max_batches_per_actor: int = 2

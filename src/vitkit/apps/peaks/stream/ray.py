@@ -182,7 +182,7 @@ class StreamPipeline:
     def _open_finder(self) -> None:
         """The run's detector, good-pixel mask and model-less PeakFinder (what every stage shares)."""
         from vitkit.apps.peaks.detector import load_detector
-        from vitkit.apps.peaks.finder import PeakFinder, read_mask, run_geometry, sparse_of_run
+        from vitkit.apps.peaks.finder import PeakFinder, choose_sparse, read_mask, run_geometry, sparse_of_run
         from vitkit.apps.peaks.stream.stages import EventCheck
 
         d, p, s = self.cfg.detector, self.cfg.peaks, self.cfg.source
@@ -199,9 +199,11 @@ class StreamPipeline:
                                   "know which pixels the mask covers.")
             good = read_mask(d.mask, self.detector, d.mask_key)
         # the model the actors load: the run's, or its sparse-token model with the threshold it was fitted with
-        self.model_path, threshold = self.cfg.model.checkpoint, None
-        if self.cfg.model.sparse:
-            self.model_path, threshold = sparse_of_run(self.cfg.model.checkpoint)
+        m = self.cfg.model
+        self.model_path, threshold = m.checkpoint, None
+        sparse, self.model_choice = choose_sparse(m.checkpoint, m.sparse, m.device)
+        if sparse:
+            self.model_path, threshold = sparse_of_run(m.checkpoint)
         self.finder = PeakFinder(None, self.detector, good, overlap=self.cfg.model.overlap, min_pixels=p.min_pixels,
                                  min_peaks=p.min_peaks, max_peaks=p.max_peaks, threshold=p.threshold,
                                  min_snr=p.min_snr, sparse_threshold=threshold)
@@ -312,6 +314,7 @@ class StreamPipeline:
             self._num_classes = info["num_classes"]
         det = "panels as they come" if self.detector is None else \
             f"{len(self.detector)} panels of {self.detector.stack_shape[1]} x {self.detector.stack_shape[2]}"
+        self.log(f"[stream] model: {self.model_choice}")
         self.log(f"[stream] {m.num_actors} model actor(s) ready (pids {[s.pid for s in self.slots]}, "
                  f"{got[0]['torch_threads']} torch thread(s) each), source {cfg.source.kind}, detector {det}, "
                  f"batch {m.batch_size}, cap {cfg.max_frames_in_flight} events in flight, {cfg.peaks.workers} peak "
@@ -646,6 +649,7 @@ class StreamPipeline:
             "peak_rss_mib": rss,
             "max_frames_in_flight": self.cfg.max_frames_in_flight,
             "max_frames_in_flight_seen": self.stats.max_depth.get("frames_in_flight", 0),
+            "model": "sparse" if self.finder.sparse else "dense",
             "num_actors": len(self.slots),
             "actors": [{"actor": sl.i, "pids": sl.pids, "deaths": sl.deaths, "state": sl.state,
                         "batches": sl.batches_done} for sl in self.slots],
