@@ -111,7 +111,8 @@ def choose_sparse(run: str | Path, sparse: bool | None = None, device: str | tor
     None decides by the run's own evidence: the sparse-token model when ``vitkit train`` found it held the accuracy
     on the run's held-out frames (``sparse.json``'s ``default``: its peak F1 within ``sparse.max_f1_drop`` of the
     dense model's) and the model runs on a CPU. On a GPU the dense path is the default: the sparse path's many small
-    kernels are not faster there until captured in a CUDA graph (docs/gpu.md)."""
+    kernels are not faster there until captured in a CUDA graph (docs/gpu.md). A checkpoint file or an exported model
+    directory (not a run directory) is that model: dense unless ``sparse`` is True."""
     if sparse is not None:
         return bool(sparse), "sparse-token model (--sparse)" if sparse else "dense model (--dense)"
     stats = Path(run) / "sparse.json"

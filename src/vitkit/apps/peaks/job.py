@@ -317,7 +317,7 @@ def _evaluate_held_out(p, max_f1_drop: float, model, detector, test, run_dir: Pa
     ``vitkit predict`` and the stream on a CPU (:func:`~vitkit.apps.peaks.finder.choose_sparse`). The run directory
     gets the predictions (``peaks.cxi``, ``peaks.csv``, overlays) of the model that default picks (or
     ``predict.sparse``'s: true or false), ``metrics.json`` its scores, ``model`` which one it is, and under
-    ``"dense"``/``"sparse"`` the other model's peak precision, recall, F1 (and kept token fraction)."""
+    ``"dense"``/``"sparse"`` the other model's scores."""
     import tempfile
 
     from vitkit.apps.peaks.finder import choose_sparse
@@ -351,7 +351,6 @@ def _evaluate_held_out(p, max_f1_drop: float, model, detector, test, run_dir: Pa
     print(f"held-out frames, {why}:\n" + format_metrics(metrics))
     for name, m in scores.items():
         if name != chosen:
-            metrics[name] = {k: m[k] for k in ("peak_precision", "peak_recall", "peak_f1", "kept_token_fraction")
-                             if k in m}
-            print(f"  the {name} model (--{name}): peak F1 {m['peak_f1']:.4f}")
+            metrics[name] = m
+            print(f"  the {name} model (--{name}): peak F1 {m['peak_f1']:.4f}, pixel IoU {m['pixel_iou']:.4f}")
     write_json(run_dir / "metrics.json", metrics)
