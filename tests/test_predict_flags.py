@@ -322,7 +322,7 @@ def test_sparse_predicts_with_the_runs_sparse_model(learned_run, data, tmp_path,
     frames = str(data["dir"] / "frames.npy")
     predict(capsys, learned_run, frames, "--out", str(tmp_path / "d"), "--overlays", "0", "--dense")
     res = predict(capsys, learned_run, frames, "--out", str(tmp_path / "s"), "--overlays", "0", "--sparse")
-    assert "model: sparse-token model (--sparse)" in res.stdout
+    assert "model: sparse-token model (asked for: --sparse" in res.stdout
     dense, sparse = csv_tables(tmp_path / "d"), csv_tables(tmp_path / "s")
     assert same_peaks(sparse, library(learned_run, data["frames"], sparse=True))
     assert same_peaks(dense, library(learned_run, data["frames"], sparse=False))
@@ -369,8 +369,8 @@ def test_without_a_flag_the_run_decides_dense_or_sparse(learned_run, data, tmp_p
         stats.write_text(json.dumps({**json.loads(saved), "held_out": {**held, "default": not held["default"]}}))
         res = predict(capsys, learned_run, frames, "--out", str(tmp_path / "b"), "--overlays", "0")
         assert ("sparse-token model (held-out" in res.stdout) is (not held["default"])
-        other = "--dense" if held["default"] else "--sparse"
-        predict(capsys, learned_run, frames, "--out", str(tmp_path / "o"), "--overlays", "0", other)
+        other_flag = "--dense" if held["default"] else "--sparse"
+        predict(capsys, learned_run, frames, "--out", str(tmp_path / "o"), "--overlays", "0", other_flag)
         assert same_peaks(csv_tables(tmp_path / "b"), csv_tables(tmp_path / "o"))
     finally:
         stats.write_text(saved)

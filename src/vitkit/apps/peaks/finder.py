@@ -114,24 +114,26 @@ def choose_sparse(run: str | Path, sparse: bool | None = None, device: str | tor
     kernels are not faster there until captured in a CUDA graph (docs/gpu.md). A checkpoint file or an exported model
     directory (not a run directory) is that model: dense unless ``sparse`` is True."""
     if sparse is not None:
-        return bool(sparse), "sparse-token model (--sparse)" if sparse else "dense model (--dense)"
+        return bool(sparse), ("sparse-token model (asked for: --sparse, model.sparse=true)" if sparse
+                              else "dense model (asked for: --dense, model.sparse=false)")
     stats = Path(run) / "sparse.json"
     if not stats.is_file():
         return False, "dense model (the run has no sparse-token model)"
     held = read_json(stats).get("held_out")
     if held is None:
         return False, (f"dense model ({stats} has no held-out comparison: a run from before sparse-token models were "
-                       "checked, or one without held-out frames; --sparse uses it anyway)")
+                       "checked, or one without held-out frames; --sparse or model.sparse=true uses it anyway)")
     if not (isinstance(held, dict) and isinstance(held.get("default"), bool)
             and all(isinstance(held.get(k), (int, float)) for k in ("dense_peak_f1", "sparse_peak_f1"))):
         raise CheckpointError(f"{stats}: 'held_out' needs 'default' (true or false), 'dense_peak_f1' and "
                               f"'sparse_peak_f1' (numbers); found {held!r}")
     f1 = f"held-out peak F1 {held['sparse_peak_f1']:.4f} vs dense {held['dense_peak_f1']:.4f}"
     if not held["default"]:
-        return False, f"dense model (the sparse-token model lost accuracy: {f1}; --sparse uses it anyway)"
+        return False, (f"dense model (the sparse-token model lost accuracy: {f1}; --sparse or model.sparse=true "
+                       "uses it anyway)")
     if torch.device(device).type != "cpu":
-        return False, f"dense model (on {device}; --sparse for the sparse-token model, {f1})"
-    return True, f"sparse-token model ({f1}; --dense for the dense model)"
+        return False, f"dense model (on {device}; --sparse or model.sparse=true for the sparse-token model, {f1})"
+    return True, f"sparse-token model ({f1}; --dense or model.sparse=false for the dense model)"
 
 
 def run_geometry(checkpoint: str | Path) -> Path | None:
